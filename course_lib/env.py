@@ -1,0 +1,147 @@
+"""What this machine can run: GPU, CUDA, TensorRT, ONNX Runtime providers -- in one place.
+
+Chapter 1 introduces it (``python -m course_lib env``). Notebooks and tests ask this module, never
+``import tensorrt`` themselves, so "what runs where" has one answer.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+from dataclasses import dataclass, field
+
+# what to install when an optional dependency is missing, by import name
+INSTALL_HINTS = {
+    "tensorrt": "TensorRT's Python package (pip install tensorrt-cu13, or the environment.yml of this course) "
+                "on a machine with an NVIDIA GPU",
+    "cuda": "cuda-python (pip install cuda-python)",
+    "polygraphy": "Polygraphy (pip install polygraphy)",
+    "modelopt": "NVIDIA ModelOpt (pip install nvidia-modelopt lief)",
+    "netron": "Netron (pip install netron)",
+    "pytorch_fid": "pytorch-fid (pip install pytorch-fid) and its InceptionV3 weights",
+    "onnxconverter_common": "onnxconverter-common (pip install onnxconverter-common)",
+}
+
+
+class MissingDependency(ImportError):
+    """An optional package a cell or command needs is not installed (one clear sentence)."""
+
+
+def has_module(name: str) -> bool:
+    """True when ``import name`` would find the package (nothing is imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(name: str, purpose: str = ""):
+    """Import an optional dependency, or raise :class:`MissingDependency` saying what to install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        what = INSTALL_HINTS.get(name.split(".")[0], f"the Python package {name!r}")
+        need = f" for {purpose}" if purpose else ""
+        raise MissingDependency(f"{name} is not installed{need}: install {what}.") from e
+
+
+@dataclass
+class Environment:
+    """A snapshot of this machine's capabilities."""
+    python: str
+    torch: str
+    cuda_available: bool
+    gpu_name: str | None
+    compute_capability: str | None
+    cuda_runtime: str | None
+    tensorrt: str | None
+    onnxruntime: str | None
+    ort_providers: list[str] = field(default_factory=list)
+    cuda_python: bool = False
+    polygraphy: str | None = None
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.cuda_available
+
+    @property
+    def has_tensorrt(self) -> bool:
+        return self.tensorrt is not None and self.cuda_available
+
+    def rows(self) -> list[tuple[str, str]]:
+        yes = lambda b: "yes" if b else "no"  # noqa: E731
+        return [
+            ("python", self.python),
+            ("torch", self.torch),
+            ("CUDA GPU", f"{self.gpu_name} (sm_{self.compute_capability})" if self.cuda_available else "none"),
+            ("CUDA runtime (torch)", self.cuda_runtime or "-"),
+            ("TensorRT", self.tensorrt or "not installed"),
+            ("cuda-python", yes(self.cuda_python)),
+            ("polygraphy", self.polygraphy or "not installed"),
+            ("onnxruntime", self.onnxruntime or "not installed"),
+            ("ORT providers", ", ".join(self.ort_providers) or "-"),
+        ]
+
+    def skipped_cells(self) -> list[str]:
+        """Which notebook cell tags will be skipped on this machine (see notebooks/conftest.py)."""
+        tags = []
+        if not self.has_gpu:
+            tags.append("requires-gpu")
+        if not self.has_tensorrt:
+            tags.append("requires-tensorrt")
+        return tags
+
+    def report(self) -> str:
+        width = max(len(k) for k, _ in self.rows())
+        lines = [f"{k:<{width}}  {v}" for k, v in self.rows()]
+        skipped = self.skipped_cells()
+        lines.append(f"{'notebook cells':<{width}}  "
+                     + ("all run" if not skipped else "skipped here: " + ", ".join(skipped)))
+        return "\n".join(lines)
+
+
+def _version(name: str) -> str | None:
+    if not has_module(name):
+        return None
+    try:
+        return getattr(importlib.import_module(name), "__version__", "unknown")
+    except Exception:  # a broken install counts as missing  # noqa: BLE001
+        return None
+
+
+def detect() -> Environment:
+    """Chapter 1: look at this machine once (torch, CUDA, TensorRT, ONNX Runtime)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    name = cc = None
+    if cuda:
+        name = torch.cuda.get_device_name(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        cc = f"{major}{minor}"
+    providers: list[str] = []
+    ort = _version("onnxruntime")
+    if ort:
+        import onnxruntime
+
+        providers = list(onnxruntime.get_available_providers())
+    return Environment(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda_available=cuda,
+        gpu_name=name,
+        compute_capability=cc,
+        cuda_runtime=torch.version.cuda,
+        tensorrt=_version("tensorrt"),
+        onnxruntime=ort,
+        ort_providers=providers,
+        cuda_python=has_module("cuda.bindings") if has_module("cuda") else False,
+        polygraphy=_version("polygraphy"),
+    )
+
+
+def required_capabilities() -> set[str]:
+    """What the environment demands (``COURSE_REQUIRE=gpu,tensorrt``): tagged cells fail instead of skip."""
+    raw = os.environ.get("COURSE_REQUIRE", "")
+    return {part.strip().lower() for part in raw.split(",") if part.strip()}
