@@ -1,0 +1,16 @@
+"""ControlNet 1.0 canny on Stable Diffusion 1.5 ("CNSD") in PyTorch: the course's model.
+
+Chapter 1 introduces everything here::
+
+    from course_lib.cnsd import get_config, build_cnsd, contracts
+    cnsd = build_cnsd(get_config("tiny"), seed=0)        # random weights that test something
+"""
+from .config import LATENT_SCALE, CNSDConfig, get_config
+from .contract import CONTROL_NAMES, MODEL_NAMES, ModelContract, TensorSpec, contracts, example_inputs
+from .init import randomize_weights
+from .model import CNSD, build_cnsd
+
+__all__ = [
+    "CNSD", "CNSDConfig", "CONTROL_NAMES", "LATENT_SCALE", "MODEL_NAMES", "ModelContract", "TensorSpec",
+    "build_cnsd", "contracts", "example_inputs", "get_config", "randomize_weights",
+]
