@@ -1,0 +1,347 @@
+"""Build the chapter notebooks from their jupytext sources, executed in this environment.
+
+Chapters are authored as percent-format sources, ``notebooks/src/NN_name.py``; this tool turns each
+into ``notebooks/NN_name.ipynb`` and runs it top to bottom with nbclient, in the Python that runs the
+tool, with ``notebooks/`` as the working directory. Cells tagged for hardware this machine lacks
+(``requires-gpu``, ``requires-tensorrt``) and ``interactive`` cells are not run: they are stored
+with no outputs, or, with ``--keep-outputs-of-tagged``, with the outputs a GPU machine stored before.
+
+    python tools/build_notebooks.py                      # build every chapter
+    python tools/build_notebooks.py --only 01_export     # one chapter (repeatable)
+    python tools/build_notebooks.py --check              # stored notebooks match their sources?
+    python tools/build_notebooks.py --keep-outputs-of-tagged   # CPU rebuild, keep GPU cells' outputs
+
+The tag rules live here and nowhere else: notebooks/conftest.py (nbval) and
+tests/test_notebooks_hygiene.py load this file for them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+SOURCES = NOTEBOOKS / "src"
+
+# tag -> (capability it needs, why it is skipped where that is missing)
+HARDWARE_TAGS = {
+    "requires-gpu": ("gpu", "needs a CUDA GPU"),
+    "requires-tensorrt": ("tensorrt", "needs TensorRT"),
+}
+# a cell that needs a person (it serves Netron on 127.0.0.1, opens a browser, waits for input):
+# never run by this tool or by nbval
+INTERACTIVE_TAG = "interactive"
+INTERACTIVE_REASON = "interactive cell: run it by hand"
+# tags a chapter may use; nbval's own tags are documented in nbval's README
+KNOWN_TAGS = frozenset({
+    *HARDWARE_TAGS, INTERACTIVE_TAG,
+    "raises-exception",      # the cell is meant to raise (nbclient and nbval accept its error)
+    "nbval-ignore-output",   # run the cell, do not compare its outputs (timings tables, env report)
+    "nbval-check-output",    # compare outputs even under --nbval-lax
+    "nbval-skip",            # nbval does not run the cell (this tool still does)
+    "hide-input", "hide-output", "remove-input", "remove-output", "remove-cell",  # rendering only
+})
+CAPABILITIES = ("gpu", "tensorrt")
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+# Run silently in every kernel before the first cell (here and in notebooks/conftest.py): plots go
+# inline (even where MPLBACKEND=Agg is set) and only as PNG (SVG embeds a date; nbval compares it).
+KERNEL_SETUP = """\
+import os as _os
+_os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+get_ipython().config.InlineBackend.figure_formats = {"png"}
+del _os
+"""
+
+_SKIP_EXECUTION = "build-notebooks-skip"  # temporary tag, never written to a notebook
+
+
+def cell_tags(cell) -> list[str]:
+    """The cell's metadata tags (a list, possibly empty)."""
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def cell_plan(tags, have: set[str], demanded: set[str]) -> tuple[str, str]:
+    """Decide what happens to a cell with these tags on this machine.
+
+    ``have``: capabilities present ({"gpu", "tensorrt"} or a subset); ``demanded``: capabilities the
+    environment insists on (COURSE_REQUIRE). Returns ``("run", "")``, ``("skip", reason)`` or
+    ``("fail", reason)`` -- fail when a demanded capability is missing.
+    """
+    if INTERACTIVE_TAG in tags:
+        return "skip", INTERACTIVE_REASON
+    for tag, (capability, reason) in HARDWARE_TAGS.items():
+        if tag in tags and capability not in have:
+            if capability in demanded:
+                return "fail", (f"COURSE_REQUIRE demands {capability}, but this cell {reason} "
+                                f"and this machine has none (see: python -m course_lib env)")
+            return "skip", reason
+    return "run", ""
+
+
+def machine_capabilities() -> tuple[set[str], set[str]]:
+    """(have, demanded) for this machine, from course_lib.env (imports torch: call it once)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from course_lib import env
+
+    found = env.detect()
+    have = {c for c, ok in (("gpu", found.has_gpu), ("tensorrt", found.has_tensorrt)) if ok}
+    return have, demanded_capabilities(env.required_capabilities())
+
+
+def demanded_capabilities(raw: set[str]) -> set[str]:
+    """Validate COURSE_REQUIRE's entries; requiring tensorrt also requires a GPU."""
+    unknown = sorted(raw - set(CAPABILITIES))
+    if unknown:
+        raise ValueError(f"COURSE_REQUIRE names unknown capability {unknown[0]!r}: "
+                         f"expected a comma-separated subset of {', '.join(CAPABILITIES)}")
+    return set(raw) | ({"gpu"} if "tensorrt" in raw else set())
+
+
+# --- source -> notebook ---------------------------------------------------------------------
+
+def notebook_from_source(src: Path):
+    """Read a percent-format source into a notebook with no outputs, stable ids and metadata."""
+    import jupytext
+    import nbformat
+
+    text = jupytext.read(src, fmt="py:percent")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
+    for i, cell in enumerate(text.cells):
+        tags = cell_tags(cell)
+        metadata = {"tags": tags} if tags else {}
+        if cell.cell_type == "code":
+            new = nbformat.v4.new_code_cell(cell.source, metadata=metadata)
+        elif cell.cell_type == "markdown":
+            new = nbformat.v4.new_markdown_cell(cell.source, metadata=metadata)
+        else:
+            new = nbformat.v4.new_raw_cell(cell.source, metadata=metadata)
+        new.id = f"cell-{i:02d}"  # stable: a rebuild does not churn ids
+        nb.cells.append(new)
+    return nb
+
+
+def skeleton(nb) -> list[tuple]:
+    """What the source decides (metadata, cell types, ids, sources, tags), outputs ignored."""
+    rows = [("kernelspec", nb.metadata.get("kernelspec"))]
+    rows += [(c.cell_type, c.get("id"), c.source, cell_tags(c)) for c in nb.cells]
+    return rows
+
+
+def source_mismatch(src: Path, ipynb: Path) -> str | None:
+    """One line saying how ``ipynb`` differs from what ``src`` produces (outputs ignored), or None."""
+    import nbformat
+
+    if not ipynb.exists():
+        return f"{_rel(ipynb)} is missing: build it from {_rel(src)}"
+    want = skeleton(notebook_from_source(src))
+    have = skeleton(nbformat.read(ipynb, as_version=4))
+    if len(want) != len(have):
+        return f"{_rel(ipynb)} has {len(have) - 1} cells, {_rel(src)} makes {len(want) - 1}"
+    for i, (w, h) in enumerate(zip(want, have)):
+        if w != h:
+            what = "notebook metadata" if i == 0 else f"cell #{i - 1} ({w[0]}, {w[2][:40]!r})"
+            return f"{_rel(ipynb)}: {what} differs from {_rel(src)}; rebuild it"
+    return None
+
+
+# --- execution --------------------------------------------------------------------------------
+
+def _client_class():
+    """A NotebookClient whose python3 kernel is this interpreter, primed with KERNEL_SETUP."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient import NotebookClient
+
+    class CurrentPythonSpecs(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name):
+            from ipykernel.kernelspec import RESOURCES, get_kernel_dict
+
+            return self.kernel_spec_class(resource_dir=RESOURCES, **get_kernel_dict())
+
+    class CurrentPythonKernel(AsyncKernelManager):
+        def _kernel_spec_manager_default(self):
+            return CurrentPythonSpecs(data_dir=self.data_dir)
+
+    class Client(NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            reply = await self.async_wait_for_reply(kc.execute(KERNEL_SETUP, silent=True))
+            if reply is None or reply["content"]["status"] != "ok":
+                raise RuntimeError(f"kernel set-up code failed: {reply and reply['content']}")
+            return kc
+
+    return Client, CurrentPythonKernel
+
+
+def execute(nb, run: list[bool], cwd: Path = NOTEBOOKS, timeout: int = 600):
+    """Execute the code cells where ``run[i]`` is True, in ``cwd``, with a current-env kernel."""
+    client_cls, km_cls = _client_class()
+    for cell, yes in zip(nb.cells, run):
+        if cell.cell_type == "code" and not yes:
+            cell.metadata.setdefault("tags", []).append(_SKIP_EXECUTION)
+    client = client_cls(nb, kernel_name="python3", kernel_manager_class=km_cls, timeout=timeout,
+                        record_timing=False, skip_cells_with_tag=_SKIP_EXECUTION,
+                        shutdown_kernel="immediate", resources={"metadata": {"path": str(cwd)}})
+    try:
+        client.execute()
+    finally:
+        for cell in nb.cells:
+            tags = cell.metadata.get("tags")
+            if tags and _SKIP_EXECUTION in tags:
+                tags.remove(_SKIP_EXECUTION)
+                if not tags:
+                    del cell.metadata["tags"]
+    return nb
+
+
+def renumber(nb) -> None:
+    """Give every code cell that has run (here or kept) counts 1, 2, 3, ... in notebook order."""
+    n = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code" or cell.execution_count is None:
+            continue
+        n += 1
+        cell.execution_count = n
+        for out in cell.outputs:
+            if out.output_type == "execute_result":
+                out.execution_count = n
+
+
+def build(src: Path, dst: Path, have: set[str], demanded: set[str], keep_tagged: bool = False,
+          timeout: int = 600) -> Path:
+    """Build ``dst`` (.ipynb) from ``src`` (percent-format .py), executed here; returns ``dst``.
+
+    Raises ValueError (an empty cell, a demanded capability missing, an SVG figure) and nbclient's
+    CellExecutionError (a cell raised); ``dst`` is only replaced when the whole notebook ran.
+    """
+    import nbformat
+
+    nb = notebook_from_source(src)
+    plans = [cell_plan(cell_tags(c), have, demanded) if c.cell_type == "code" else ("run", "")
+             for c in nb.cells]
+    for i, (cell, (what, why)) in enumerate(zip(nb.cells, plans)):
+        if cell.cell_type == "code" and not cell.source.strip():
+            raise ValueError(f"{_rel(src)}: {cell_name(nb, i)} is empty; remove it from the source")
+        if what == "fail":
+            raise ValueError(f"{_rel(src)} {cell_name(nb, i)}: {why}")
+    execute(nb, [what == "run" for what, _ in plans], cwd=dst.parent, timeout=timeout)
+
+    old = nbformat.read(dst, as_version=4) if dst.exists() else None
+    stored: dict[str, list] = {}
+    for cell in (old.cells if old else []):
+        if cell.cell_type == "code" and cell.execution_count is not None:
+            stored.setdefault(cell.source, []).append(cell)
+    for i, (cell, (what, why)) in enumerate(zip(nb.cells, plans)):
+        if what != "skip":
+            continue
+        previous = stored.get(cell.source, [])
+        if previous and keep_tagged:
+            kept = previous.pop(0)
+            cell.outputs, cell.execution_count = kept.outputs, kept.execution_count
+            print(f"  {cell_name(nb, i)}: not run here ({why}); kept its stored outputs")
+        elif previous:
+            print(f"  {cell_name(nb, i)}: not run here ({why}); its stored outputs are dropped "
+                  f"(pass --keep-outputs-of-tagged to keep them)")
+        else:
+            print(f"  {cell_name(nb, i)}: not run here ({why})")
+    renumber(nb)
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if "image/svg+xml" in out.get("data", {}):
+                raise ValueError(f"{_rel(src)} {cell_name(nb, i)} made an SVG figure: figures must be PNG")
+    nbformat.validate(nb)
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_text(nbformat.writes(nb) + "\n", encoding="utf-8")
+    os.replace(tmp, dst)
+    return dst
+
+
+def cell_name(nb, index: int) -> str:
+    """Name a cell as nbval does ("Cell 3" = the fourth code cell), with its first line."""
+    cell = nb.cells[index]
+    first = cell.source.strip().splitlines()[0][:40] if cell.source.strip() else ""
+    if cell.cell_type != "code":
+        return f"{cell.cell_type} cell #{index} ({first!r})"
+    number = sum(c.cell_type == "code" for c in nb.cells[:index])
+    return f"Cell {number} ({first!r})"
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def source_names() -> list[str]:
+    """Chapter names with a source, e.g. ["01_export", "02_build"]."""
+    return sorted(p.stem for p in SOURCES.glob("[0-9][0-9]_*.py"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="build only this chapter, e.g. 01_export (repeatable)")
+    parser.add_argument("--check", action="store_true",
+                        help="execute nothing; exit 1 if a stored notebook differs from its source "
+                             "(outputs ignored) or has no source")
+    parser.add_argument("--keep-outputs-of-tagged", action="store_true",
+                        help="keep the stored outputs of tagged cells that this machine cannot run")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
+    args = parser.parse_args(argv)
+
+    names = source_names()
+    for name in args.only:
+        if name not in names:
+            print(f"error: no source notebooks/src/{name}.py; expected one of: "
+                  f"{', '.join(names) or '(none yet)'}", file=sys.stderr)
+            return 2
+    chosen = args.only or names
+
+    if args.check:
+        problems = [p for n in chosen
+                    if (p := source_mismatch(SOURCES / f"{n}.py", NOTEBOOKS / f"{n}.ipynb"))]
+        if not args.only:
+            problems += [f"{_rel(p)} has no source {_rel(SOURCES / (p.stem + '.py'))}"
+                         for p in sorted(NOTEBOOKS.glob("*.ipynb")) if p.stem not in names]
+        for p in problems:
+            print(p)
+        print(f"{len(chosen)} notebook(s) checked, {len(problems)} problem(s)")
+        return 1 if problems else 0
+
+    # kernels import this checkout's course_lib, installed or not
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    try:
+        have, demanded = machine_capabilities()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"capabilities here: {', '.join(sorted(have)) or 'CPU only'}")
+    for name in chosen:
+        print(f"building notebooks/{name}.ipynb")
+        try:
+            build(SOURCES / f"{name}.py", NOTEBOOKS / f"{name}.ipynb", have, demanded,
+                  keep_tagged=args.keep_outputs_of_tagged, timeout=args.timeout)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # nbclient's CellExecutionError carries the cell and traceback
+            print(f"error: notebooks/{name}.ipynb failed to execute; nothing was written\n{e}",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
