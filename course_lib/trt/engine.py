@@ -1,0 +1,274 @@
+"""The course's ``Engine``: load a plan, give every tensor a buffer by name, run it. Introduced in chapter 2.
+
+The original course's ``Engine.py`` (TensorRT 8) addressed tensors by *binding index*. TensorRT 10
+addresses them by *name*: ``get_tensor_name(i)``, ``get_tensor_mode(name)``, ``set_input_shape(name,
+shape)``, ``set_tensor_address(name, ptr)``, then ``execute_async_v3(stream)``. Buffers are torch CUDA
+tensors, so the pipeline hands them around without copies.
+
+    engine = Engine("plans/unet.plan").load().activate()
+    engine.allocate_buffers()                       # static plan: shapes come from the plan
+    out = engine.infer(feed)                        # {name: tensor}; chapter 3: use_cuda_graph=True
+
+:func:`check_feed` (pure, tested on CPU) is the check every ``infer`` does first.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cudagraph import CudaGraphRunner, GraphAction
+
+# TensorRT DataType member name -> torch dtype (looked up by name: no TensorRT needed)
+TRT_TO_TORCH = {
+    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+    "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8,
+    "FP8": torch.float8_e4m3fn,
+}
+
+Spec = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype); -1 in a shape matches any size
+
+
+def torch_dtype(trt_dtype) -> torch.dtype:
+    """The torch dtype for a TensorRT ``DataType`` (or its name, e.g. ``"HALF"``)."""
+    name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
+    if name not in TRT_TO_TORCH:
+        raise ValueError(f"TensorRT data type {name}: not supported here (expected one of {', '.join(TRT_TO_TORCH)})")
+    return TRT_TO_TORCH[name]
+
+
+def check_feed(feed: Mapping[str, Any], specs: Sequence[Spec]) -> None:
+    """Chapter 2: raise ValueError unless ``feed`` has exactly the inputs ``specs`` describe.
+
+    ``feed`` maps names to tensors (anything with ``.shape`` and ``.dtype``); the message names the
+    tensor and what was expected. Shapes with -1 accept any size in that dimension.
+    """
+    expected = {name: (tuple(shape), dtype) for name, shape, dtype in specs}
+    for name in feed:
+        if name not in expected:
+            raise ValueError(f"feed has {name!r}, which is not an input of this engine: its inputs are "
+                             f"{', '.join(expected) or 'none'}")
+    for name, (shape, dtype) in expected.items():
+        if name not in feed:
+            raise ValueError(f"feed lacks input {name!r}: expected a {dtype} tensor of shape {shape}")
+        tensor = feed[name]
+        got_shape, got_dtype = tuple(tensor.shape), tensor.dtype
+        shape_ok = len(got_shape) == len(shape) and all(w in (-1, g) for w, g in zip(shape, got_shape))
+        if not shape_ok or got_dtype != dtype:
+            raise ValueError(f"input {name!r}: expected shape {shape} {dtype}, got {got_shape} {got_dtype}")
+
+
+def format_io_table(rows: Sequence[tuple[str, str, tuple, Any, str]]) -> str:
+    """Chapter 2: rows of (name, mode, shape, dtype, note) as a text table."""
+    head = ("tensor", "mode", "shape", "dtype", "")
+    cells = [head] + [(n, m, str(tuple(s)), str(d).replace("torch.", ""), note) for n, m, s, d, note in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(4)) + (f"  {c[4]}" if c[4] else "")
+                     for c in cells).rstrip()
+
+
+def shared_device_memory(engines: Sequence["Engine"], device: str = "cuda") -> torch.Tensor:
+    """Chapter 3: one scratch block big enough for each loaded engine (pass to ``activate``).
+
+    Engines that never run at the same time (CLIP, ControlNet, UNet, decoder) can share it.
+    """
+    size = max(e.device_memory_size for e in engines)
+    return torch.empty(size, dtype=torch.uint8, device=device)
+
+
+class Engine:
+    """Chapter 2: one TensorRT plan, its execution context and its buffers (torch tensors by name)."""
+
+    def __init__(self, plan_path: str | Path, check_sidecar: bool = True, strict_gpu: bool = False) -> None:
+        self.plan_path = Path(plan_path)
+        self.check_sidecar = check_sidecar
+        self.strict_gpu = strict_gpu
+        self.engine = None
+        self.context = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.graph = CudaGraphRunner(self.plan_path.name)
+        self.last_action: GraphAction | None = None
+        self._shared_memory: torch.Tensor | None = None
+
+    def load(self) -> "Engine":
+        """Check the plan's sidecar against this machine, then deserialize the plan."""
+        from . import require_tensorrt
+        from .logger import get_logger
+        from .plan import check_sidecar, read_sidecar
+
+        if not self.plan_path.is_file():
+            raise FileNotFoundError(f"plan {self.plan_path} not found: build it with python -m course_lib build")
+        trt = require_tensorrt("running TensorRT plans (chapter 2)")
+        if self.check_sidecar:
+            major, minor = torch.cuda.get_device_capability()
+            check_sidecar(read_sidecar(self.plan_path), trt.__version__, torch.cuda.get_device_name(),
+                          (major, minor), plan_path=self.plan_path, strict_gpu=self.strict_gpu)
+        logger = get_logger()
+        self.runtime = trt.Runtime(logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        if self.engine is None:
+            errors = "; ".join(list(logger.errors)[-3:]) or "see the TensorRT log"
+            raise RuntimeError(f"TensorRT could not deserialize {self.plan_path}: {errors}")
+        return self
+
+    @property
+    def device_memory_size(self) -> int:
+        """Bytes of scratch memory the engine needs (``device_memory_size_v2``)."""
+        self._need("engine")
+        return int(self.engine.device_memory_size_v2)
+
+    def activate(self, shared_device_memory: torch.Tensor | None = None) -> "Engine":
+        """Create the execution context; with ``shared_device_memory`` (a CUDA tensor) it uses that block.
+
+        TensorRT 10 replaced ``create_execution_context_without_device_memory`` with the
+        USER_MANAGED allocation strategy plus ``set_device_memory(ptr, size)``.
+        """
+        from . import require_tensorrt
+
+        if self.engine is None:
+            self.load()
+        if shared_device_memory is None:
+            self.context = self.engine.create_execution_context()
+        else:
+            trt = require_tensorrt()
+            nbytes = shared_device_memory.numel() * shared_device_memory.element_size()
+            if not shared_device_memory.is_cuda or nbytes < self.device_memory_size:
+                raise ValueError(f"shared device memory: expected a CUDA tensor of at least "
+                                 f"{self.device_memory_size} bytes for {self.plan_path.name}, "
+                                 f"got {nbytes} bytes on {shared_device_memory.device}")
+            strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            if hasattr(self.engine, "create_runtime_config"):
+                config = self.engine.create_runtime_config()
+                config.set_execution_context_allocation_strategy(strategy)
+                self.context = self.engine.create_execution_context(config)
+            else:
+                self.context = self.engine.create_execution_context(strategy)
+            if hasattr(self.context, "set_device_memory"):
+                self.context.set_device_memory(shared_device_memory.data_ptr(), nbytes)
+            else:
+                self.context.device_memory = shared_device_memory.data_ptr()
+            self._shared_memory = shared_device_memory  # keep it alive as long as the context
+        if self.context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {self.plan_path.name}")
+        self.graph.policy.reset()
+        return self
+
+    def _need(self, what: str) -> None:
+        if getattr(self, what) is None:
+            step = "load()" if what == "engine" else "activate()"
+            raise ValueError(f"{self.plan_path.name}: call {step} first")
+
+    def _names(self, mode_name: str) -> list[str]:
+        self._need("engine")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        return [n for n in names if self.engine.get_tensor_mode(n).name == mode_name]
+
+    @property
+    def input_names(self) -> list[str]:
+        return self._names("INPUT")
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._names("OUTPUT")
+
+    def allocate_buffers(self, shapes: Mapping[str, Sequence[int]] | None = None,
+                         device: str = "cuda") -> dict[str, torch.Tensor]:
+        """Set the input shapes and make one torch tensor per input and output, by tensor name.
+
+        ``shapes`` gives input shapes; inputs left out take the plan's shape (a dynamic input: its
+        profile's opt shape). Output shapes follow from the inputs. Returns (and keeps) ``{name: tensor}``.
+        """
+        if self.context is None:
+            self.activate()
+        shapes = dict(shapes or {})
+        inputs = self.input_names
+        unknown = [n for n in shapes if n not in inputs]
+        if unknown:
+            raise ValueError(f"shapes name {unknown[0]!r}, which is not an input of {self.plan_path.name}: "
+                             f"its inputs are {', '.join(inputs)}")
+        for name in inputs:
+            shape = tuple(shapes.get(name, tuple(self.engine.get_tensor_shape(name))))
+            if name not in shapes and any(d < 0 for d in shape):
+                shape = tuple(self.engine.get_tensor_profile_shape(name, 0)[1])  # the profile's opt shape
+            if not self.context.set_input_shape(name, shape):
+                for old_name, old in self.tensors.items():  # leave the context as the buffers are
+                    if old_name in inputs:
+                        self.context.set_input_shape(old_name, tuple(old.shape))
+                plan_shape = tuple(self.engine.get_tensor_shape(name))
+                if all(d >= 0 for d in plan_shape):
+                    raise ValueError(f"input {name!r}: shape {shape}, but the plan is static at {plan_shape}")
+                lo, _, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
+                raise ValueError(f"input {name!r}: shape {shape} is outside the plan's profile {lo} .. {hi}")
+        tensors = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            shape = tuple(self.context.get_tensor_shape(name))
+            tensors[name] = torch.empty(shape, dtype=torch_dtype(self.engine.get_tensor_dtype(name)), device=device)
+        self.tensors = tensors
+        return tensors
+
+    def info(self) -> str:
+        """Chapter 2: a table of the plan's tensors (name, mode, shape, dtype, profile range)."""
+        self._need("engine")
+        rows = []
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            mode = self.engine.get_tensor_mode(name).name.lower()
+            buffer = self.tensors.get(name)
+            shape = tuple(buffer.shape) if buffer is not None else tuple(self.engine.get_tensor_shape(name))
+            note = ""
+            if mode == "input" and any(d < 0 for d in self.engine.get_tensor_shape(name)):
+                lo, _, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
+                note = f"profile {lo} .. {hi}"
+            rows.append((name, mode, shape, torch_dtype(self.engine.get_tensor_dtype(name)), note))
+        return format_io_table(rows)
+
+    def infer(self, feed: Mapping[str, torch.Tensor], stream=None,
+              use_cuda_graph: bool = False) -> dict[str, torch.Tensor]:
+        """Run the plan once on ``feed`` (``{input name: tensor}``); returns ``{output name: tensor}``.
+
+        Buffers are allocated on the first call (a dynamic plan: from the feed's shapes, and again
+        when they change; a static plan raises ValueError for other shapes). The returned tensors are the
+        engine's own output buffers, overwritten by the next call (``.clone()`` what you keep), and
+        ready on ``stream`` (a ``torch.cuda.Stream``, a raw handle, or None for the current stream).
+        Chapter 3: ``use_cuda_graph=True`` warms up, captures, then replays (see ``cudagraph``).
+        """
+        if self.context is None:
+            self.activate()
+        inputs = self.input_names
+        dynamic = any(d < 0 for n in inputs for d in self.engine.get_tensor_shape(n))
+        if not self.tensors or (dynamic and any(tuple(feed[n].shape) != tuple(self.tensors[n].shape)
+                                                for n in inputs if n in feed)):
+            # first call, or new shapes for a dynamic plan: (re)allocate from the feed's shapes
+            check_feed(feed, [(n, (-1,) * len(self.engine.get_tensor_shape(n)),
+                               torch_dtype(self.engine.get_tensor_dtype(n))) for n in inputs])
+            self.allocate_buffers({n: tuple(feed[n].shape) for n in inputs} if dynamic else None)
+        try:
+            check_feed(feed, [(n, tuple(self.tensors[n].shape), self.tensors[n].dtype) for n in inputs])
+        except ValueError as e:
+            raise ValueError(f"{self.plan_path.name}: {e}") from None
+        stream = _as_torch_stream(stream)
+        if stream != torch.cuda.current_stream():
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for name in inputs:
+                self.tensors[name].copy_(feed[name], non_blocking=True)
+        for name, tensor in self.tensors.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        key = tuple((name, tuple(t.shape), t.data_ptr()) for name, t in self.tensors.items())
+        self.last_action = self.graph.run(self._enqueue, key, stream, use_cuda_graph)
+        return {name: self.tensors[name] for name in self.output_names}
+
+    def _enqueue(self, stream_handle: int) -> None:
+        if not self.context.execute_async_v3(stream_handle):
+            raise RuntimeError(f"TensorRT inference of {self.plan_path.name} failed (execute_async_v3 returned False)")
+
+
+def _as_torch_stream(stream) -> torch.cuda.Stream:
+    if stream is None:
+        return torch.cuda.current_stream()
+    if isinstance(stream, int):
+        return torch.cuda.ExternalStream(stream)
+    return stream
