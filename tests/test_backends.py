@@ -143,3 +143,26 @@ def test_ort_backend_on_cuda_provider(onnx_path):
     out = backend.infer({k: v.cuda() for k, v in feed().items()})
     assert out["y"].device.type == "cuda"
     np.testing.assert_allclose(out["y"].cpu().numpy(), expected()[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not (has_module("tensorrt") and torch.cuda.is_available()),
+                    reason="needs the tensorrt package and a CUDA GPU")
+def test_trt_backend_matches_ort_and_keeps_its_outputs(onnx_path, tmp_path):
+    from course_lib.trt import build_engine_plan, static_profile
+
+    plan = tmp_path / "tiny.plan"
+    build_engine_plan(onnx_path, plan, static_profile({"x": (2, 8), "timestep": (2,)}), workspace_gib=1,
+                      progress=False)
+    backend = TrtBackend(plan)
+    assert isinstance(backend, Backend)
+    assert backend.input_names == ["x", "timestep"] and backend.output_names == ["y", "total"]
+    first = backend.infer(feed())                      # CPU feed, int32 timestep
+    assert first["y"].device.type == "cuda" and first["y"].dtype == torch.float32
+    torch.testing.assert_close(first["y"].cpu(), expected()[0], rtol=1e-3, atol=1e-4)
+    kept = first["y"].clone()
+    backend.infer({"x": feed()["x"] + 1, "timestep": feed()["timestep"]})
+    assert torch.equal(first["y"], kept)               # outputs are copies, not the engine's buffers
+    with pytest.raises(ValueError, match="missing"):
+        backend.infer({"x": feed()["x"]})
