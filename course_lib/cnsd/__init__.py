@@ -7,10 +7,11 @@ Chapter 1 introduces everything here::
 """
 from .config import LATENT_SCALE, CNSDConfig, get_config
 from .contract import CONTROL_NAMES, MODEL_NAMES, ModelContract, TensorSpec, contracts, example_inputs
+from .checkpoint import LoadReport, load_checkpoint
 from .init import randomize_weights
 from .model import CNSD, build_cnsd
 
 __all__ = [
-    "CNSD", "CNSDConfig", "CONTROL_NAMES", "LATENT_SCALE", "MODEL_NAMES", "ModelContract", "TensorSpec",
+    "CNSD", "CNSDConfig", "LoadReport", "load_checkpoint", "CONTROL_NAMES", "LATENT_SCALE", "MODEL_NAMES", "ModelContract", "TensorSpec",
     "build_cnsd", "contracts", "example_inputs", "get_config", "randomize_weights",
 ]

@@ -95,10 +95,12 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(cfg)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        if torch.jit.is_tracing():                                  # shapes are fixed by then: skip the checks
+            pass
+        elif input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids {tuple(input_ids.shape)} {input_ids.dtype}: expected (B, "
                              f"{self.config.max_position_embeddings}) int32 token ids")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
+        elif input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: at most "
                              f"{self.config.max_position_embeddings} fit the position embedding")
         tm = self.text_model

@@ -45,7 +45,7 @@ class ControlNet(nn.Module):
 
     def forward(self, x_noisy: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor,
                 context: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if hint.shape[-2:] != (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8):
+        if not torch.jit.is_tracing() and hint.shape[-2:] != (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8):
             raise ValueError(f"hint {tuple(hint.shape)}: expected 8x the latent's size "
                              f"{(x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8)}")
         emb = self.time_embed(timestep_embedding(timestep, self.config.model_channels).to(x_noisy.dtype))

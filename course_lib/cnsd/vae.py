@@ -120,6 +120,6 @@ class VAEDecoder(nn.Module):
         self.decoder = Decoder(cfg)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        if latent.ndim != 4 or latent.shape[1] != self.config.embed_dim:
+        if not torch.jit.is_tracing() and (latent.ndim != 4 or latent.shape[1] != self.config.embed_dim):
             raise ValueError(f"latent {tuple(latent.shape)}: expected (B, {self.config.embed_dim}, h, w)")
         return self.decoder(self.post_quant_conv(latent))

@@ -1,0 +1,242 @@
+"""``python -m course_lib <command>``: the course's scripts in one place.
+
+Chapter 1: ``env``, ``demo``, ``export``. Chapter 2: ``build``, ``run``, ``score``. Later chapters add
+``bench`` (3) and ``yolo`` (6). Bad input prints one line (``error: ...``) and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .env import MissingDependency
+
+EXIT_USAGE = 2
+
+
+# ----------------------------------------------------------------------------------- shared helpers
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _model(config: str, checkpoint: str | None, seed: int = 0):
+    """The CNSD model of a preset: the checkpoint's weights if given, else seeded random weights."""
+    from .cnsd import build_cnsd, get_config
+    from .cnsd.checkpoint import load_checkpoint
+
+    cfg = get_config(config)
+    _say(f"building CNSD ({config})" + (f" and loading {checkpoint}" if checkpoint else f", random weights (seed {seed})"))
+    model = build_cnsd(cfg, seed=seed)
+    if checkpoint:
+        _say(str(load_checkpoint(checkpoint, model)))
+    return model
+
+
+def _tokenizer(config: str, vocab: str | None):
+    """The tiny preset runs offline on the byte-level tokenizer; sd15 needs CLIP's real vocabulary."""
+    from .cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
+
+    if vocab is None and config == "tiny":
+        return byte_level_tokenizer()
+    return get_tokenizer(vocab)
+
+
+def _backends(kind: str, model=None, onnx_dir: str | None = None, plan_dir: str | None = None,
+              use_cuda_graph: bool = False):
+    """One backend per sub-model: torch modules, ONNX files (``DIR/<name>.onnx``) or plans (``DIR/<name>.plan``)."""
+    from .backends import OrtBackend, TorchBackend, TrtBackend
+    from .cnsd import MODEL_NAMES, contracts
+
+    if kind == "torch":
+        table = contracts(model.config)
+        return {n: TorchBackend(model.positional(n), table[n]) for n in MODEL_NAMES}
+    folder = Path(onnx_dir if kind == "ort" else plan_dir or "")
+    option = "--onnx-dir" if kind == "ort" else "--plan-dir"
+    if not (onnx_dir if kind == "ort" else plan_dir):
+        raise ValueError(f"--backend {kind} needs {option} DIR (made by python -m course_lib "
+                         f"{'export' if kind == 'ort' else 'build'})")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {folder}: no such folder")
+    if kind == "ort":
+        return {n: OrtBackend(folder / f"{n}.onnx") for n in MODEL_NAMES}
+    return {n: TrtBackend(folder / f"{n}.plan", use_cuda_graph=use_cuda_graph) for n in MODEL_NAMES}
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_env(args) -> int:
+    from .env import detect
+
+    _say(detect().report())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .cnsd.export import check_exports, export_cnsd
+
+    start = time.perf_counter()
+    model = _model(args.config, args.checkpoint, args.seed)
+    dynamic = [a for a in args.dynamic.split(",") if a] if args.dynamic else []
+    results = export_cnsd(model, args.out, batch=args.batch, height=args.height, width=args.width,
+                          dynamic=dynamic, models=args.models)
+    for result in results.values():
+        _say(f"wrote {result}")
+    if args.no_check:
+        return 0
+    table = check_exports(model, args.out, batch=args.batch, height=args.height, width=args.width,
+                          models=args.models)
+    _say(str(table))
+    _say(f"export finished in {time.perf_counter() - start:.0f} s")
+    return 0 if table.passed else 1
+
+
+def cmd_demo(args) -> int:
+    """Chapter 1's whole story on the tiny model, offline: export, parity, canny2image on torch and ORT."""
+    import numpy as np
+
+    from .cnsd.export import check_exports, export_cnsd
+    from .cnsd.pipeline import Canny2Image
+    from .samples import sample_photo, write_image
+    from .score import max_pixel_diff, psnr
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    model = _model("tiny", None, seed=0)
+    tokenizer = _tokenizer("tiny", None)
+    photo = sample_photo(size=(args.height, args.width))
+    export_cnsd(model, out / "onnx", height=args.height, width=args.width, progress=False)
+    table = check_exports(model, out / "onnx", height=args.height, width=args.width)
+    images = {}
+    for kind in ("torch", "ort"):
+        pipe = Canny2Image(_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config,
+                           progress=not args.quiet)
+        images[kind] = pipe.process(photo, "a bird", image_resolution=min(args.height, args.width),
+                                    ddim_steps=args.steps)[0]
+        write_image(out / f"canny2image_{kind}.png", images[kind])
+        _say(f"{kind:5s}: {pipe.last_timings.total:.0f} ms -> {out / f'canny2image_{kind}.png'}")
+    write_image(out / "canny_hint.png", pipe.last_edge_map)
+    _say(str(table))
+    diff = max_pixel_diff(images["torch"], images["ort"])
+    _say(f"image torch vs ONNX Runtime: max pixel difference {diff}, PSNR {psnr(images['torch'], images['ort']):.1f} dB")
+    _say(f"demo finished in {time.perf_counter() - start:.0f} s (random tiny weights: the image is noise-like "
+         "by design; load the sd15 checkpoint for real pictures)")
+    return 0 if table.passed and diff <= 2 and np.isfinite(images["ort"]).all() else 1
+
+
+def cmd_run(args) -> int:
+    from .cnsd.pipeline import Canny2Image
+    from .samples import read_image, sample_photo, write_image
+
+    model = _model(args.config, args.checkpoint, args.seed_weights) if args.backend == "torch" or args.onnx_dir is None \
+        and args.plan_dir is None else None
+    if model is None:
+        from .cnsd import get_config
+        config = get_config(args.config)
+    else:
+        config = model.config
+    device = args.device or ("cuda" if args.backend == "trt" else "cpu")
+    if model is not None:
+        model = model.to(device)
+    backends = _backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
+    pipe = Canny2Image(backends, _tokenizer(args.config, args.vocab), config, device=device, cfg=args.cfg)
+    photo = read_image(args.image) if args.image else sample_photo()
+    image = pipe.process(photo, args.prompt, image_resolution=args.resolution, ddim_steps=args.steps, seed=args.seed)[0]
+    write_image(args.out, image)
+    _say(f"{args.backend}: {pipe.last_timings.total:.0f} ms -> {args.out}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .trt import require_tensorrt
+
+    require_tensorrt("building TensorRT plans")
+    from .trt.build import build_plans
+
+    plans = build_plans(args.onnx_dir, args.out, profile=args.profile, opt_level=args.opt_level,
+                        timing_cache=args.timing_cache)
+    for plan in plans:
+        _say(f"wrote {plan}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .score import score_folder, score_table
+
+    _say(score_table(score_folder(args.images, args.reference, with_pd=args.pd)))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m course_lib", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("env", help="what this machine can run (GPU, CUDA, TensorRT, ORT) and which cells skip")
+
+    d = sub.add_parser("demo", help="chapter 1 on the tiny model, offline: export, parity, canny2image on torch and ORT")
+    d.add_argument("--out", default="demo_out", help="folder for the ONNX files and images (default: demo_out)")
+    d.add_argument("--height", type=int, default=128, help="image height (default 128: under a minute on 2 CPU cores)")
+    d.add_argument("--width", type=int, default=192, help="image width (default 192; the course scores 256x384)")
+    d.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the course)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("export", help="export the four CNSD models to ONNX and check them against torch")
+    e.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    e.add_argument("--checkpoint", help="control_sd15_canny.pth or .safetensors (default: random weights)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--height", type=int, default=256)
+    e.add_argument("--width", type=int, default=384)
+    e.add_argument("--dynamic", default="", help="dynamic axes, e.g. B or B,H,W (default: static shapes)")
+    e.add_argument("--models", nargs="+", choices=["clip", "controlnet", "unet", "decoder"])
+    e.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
+    e.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
+
+    b = sub.add_parser("build", help="build TensorRT plans from a folder of ONNX files (needs TensorRT)")
+    b.add_argument("--onnx-dir", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--profile", choices=["static", "dynamic"], default="static")
+    b.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5")
+    b.add_argument("--timing-cache", help="timing cache file to load and update")
+
+    r = sub.add_parser("run", help="canny2image on torch, ONNX Runtime or TensorRT")
+    r.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch")
+    r.add_argument("--image", help="input photo (default: a sample photo shipped with matplotlib)")
+    r.add_argument("--prompt", default="a bird")
+    r.add_argument("--out", required=True, help="output image (.png)")
+    r.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    r.add_argument("--checkpoint", help="weights for --backend torch (default: random, --seed-weights)")
+    r.add_argument("--seed-weights", type=int, default=0)
+    r.add_argument("--onnx-dir", help="folder with clip/controlnet/unet/decoder.onnx (--backend ort)")
+    r.add_argument("--plan-dir", help="folder with clip/controlnet/unet/decoder.plan (--backend trt)")
+    r.add_argument("--vocab", help="CLIP vocabulary (HF tokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--resolution", type=int, default=256)
+    r.add_argument("--seed", type=int, default=2946901)
+    r.add_argument("--cfg", choices=["separate", "batched"], default="separate")
+    r.add_argument("--cuda-graph", action="store_true", help="replay CUDA graphs (--backend trt)")
+    r.add_argument("--device", help="cpu or cuda (default: cuda for trt, else cpu)")
+
+    s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images")
+    s.add_argument("images")
+    s.add_argument("--reference", required=True, help="folder with the fp32 reference images (same names)")
+    s.add_argument("--pd", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute PD with pytorch_fid (default: when installed)")
+    return p
+
+
+COMMANDS = {"env": cmd_env, "demo": cmd_demo, "export": cmd_export, "build": cmd_build, "run": cmd_run,
+            "score": cmd_score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+            MissingDependency) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
