@@ -97,6 +97,8 @@ class ComparisonTable:
                    f"FAILED ({len(self.failed)} of {len(self.rows)} rows)"))
         return "\n".join(out)
 
+    __repr__ = __str__          # the table, not the dataclass fields, in a terminal or a notebook's text
+
     def _repr_html_(self) -> str:
         headers, body = self._cells()
         head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
