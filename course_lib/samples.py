@@ -48,7 +48,11 @@ def write_image(path: str | Path, rgb: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1])):
+        try:
+            ok = cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1]))
+        except cv2.error:
+            ok = False
+        if not ok:
             raise ValueError(f"image {path}: could not write it (unknown extension {path.suffix!r}? use .png)")
         os.replace(tmp, path)
     finally:
