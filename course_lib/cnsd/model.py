@@ -16,6 +16,10 @@ from .unet import ControlledUnet
 from .vae import VAEDecoder
 
 
+# the original zero-initialises the ends of residual branches; random weights there are scaled down by this
+ZERO_MODULE_SCALE = 0.25
+
+
 class _Positional(nn.Module):
     """A sub-model whose forward takes the contract's inputs in order and returns a tuple of outputs."""
 
@@ -72,23 +76,33 @@ def build_cnsd(config: CNSDConfig, seed: int | None = 0) -> CNSD:
         with torch.device("meta"):                      # skip PyTorch's default init: it is overwritten
             model = CNSD(config)
         model = randomize_weights(model.to_empty(device="cpu"), seed)
+        with torch.no_grad():                           # small, not zero: like trained zero convs, and the
+            for layer in zero_module_layers(model):     # residual stream stays O(1) through the depth
+                layer.weight.mul_(ZERO_MODULE_SCALE)
         for m in model.modules():                       # to_empty left the buffers uninitialised too
             if hasattr(m, "position_ids"):
                 m.position_ids.copy_(torch.arange(m.position_ids.shape[1])[None])
     return model.eval()
 
 
-@torch.no_grad()
-def _zero_init_like_original(model: CNSD) -> None:
-    """Zero the layers the original wraps in zero_module(), as a freshly built ldm model has them."""
-    zero = [model.unet.out[-1], model.controlnet.input_hint_block[-1], model.controlnet.middle_block_out[0]]
-    zero += [zc[0] for zc in model.controlnet.zero_convs]
+def zero_module_layers(model: CNSD) -> list[nn.Module]:
+    """The layers the original wraps in ``zero_module()``: the ends of residual branches and the
+    ControlNet's outputs (UNet ``out.2``, each ResBlock's ``out_layers.3``, each ``proj_out``, the
+    ControlNet's ``zero_convs``, ``middle_block_out`` and last hint conv)."""
+    layers = [model.unet.out[-1], model.controlnet.input_hint_block[-1], model.controlnet.middle_block_out[0]]
+    layers += [zc[0] for zc in model.controlnet.zero_convs]
     for net in (model.unet, model.controlnet):
         for m in net.modules():
             if hasattr(m, "out_layers"):
-                zero.append(m.out_layers[-1])
+                layers.append(m.out_layers[-1])
             if hasattr(m, "proj_out") and hasattr(m, "transformer_blocks"):
-                zero.append(m.proj_out)
-    for layer in zero:
+                layers.append(m.proj_out)
+    return layers
+
+
+@torch.no_grad()
+def _zero_init_like_original(model: CNSD) -> None:
+    """Zero the layers the original wraps in zero_module(), as a freshly built ldm model has them."""
+    for layer in zero_module_layers(model):
         for p in layer.parameters():
             p.zero_()
