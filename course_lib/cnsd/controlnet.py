@@ -48,8 +48,17 @@ class ControlNet(nn.Module):
         if not torch.jit.is_tracing() and hint.shape[-2:] != (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8):
             raise ValueError(f"hint {tuple(hint.shape)}: expected 8x the latent's size "
                              f"{(x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8)}")
+        guided_hint = self.input_hint_block(hint, None, context)         # (B, mc, h, w): no timestep inside
+        return self.controls(x_noisy, guided_hint, timestep, context)
+
+    def controls(self, x_noisy: torch.Tensor, guided_hint: torch.Tensor, timestep: torch.Tensor,
+                 context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The 13 controls from an already computed ``guided_hint = input_hint_block(hint, None, context)``.
+
+        The hint block reads only the hint, which is the same at every DDIM step: chapter 3 computes it
+        once per image and calls this method at each step.
+        """
         emb = self.time_embed(timestep_embedding(timestep, self.config.model_channels).to(x_noisy.dtype))
-        guided_hint = self.input_hint_block(hint, emb, context)           # (B, mc, h, w)
         outs, h = [], x_noisy
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = block(h, emb, context)
