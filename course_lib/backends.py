@@ -9,6 +9,7 @@ backend is anything with
 
 The pipeline only ever calls ``infer``, so swapping PyTorch for ONNX Runtime or a TensorRT plan is
 one line, and comparing them (chapter 2) is a loop over backends with the same feed.
+:func:`make_backends` gives the four sub-models' backends of one kind (what the CLI's ``run`` uses).
 
 Conventions shared by all three (so the pipeline's DDIM arithmetic is always float32):
 
@@ -23,6 +24,7 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
+from .compare import DEFAULT_PROVIDERS, ort_session
 from .env import MissingDependency, require
 
 
@@ -106,14 +108,13 @@ class TorchBackend:
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
               "tensor(int64)": np.int64, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
 
-# ONNX Runtime providers picked by default, best first. TensorRT's EP is left to an explicit
-# ``providers=[...]``: it builds its own engine when the session starts (minutes for the UNet), and
-# chapter 2 builds the course's engines itself.
-DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
 
 def default_providers() -> list[str]:
-    """Chapter 2: the ONNX Runtime providers :class:`OrtBackend` uses when none are given."""
+    """Chapter 2: the ONNX Runtime providers :class:`OrtBackend` uses when none are given.
+
+    The choice is :data:`course_lib.compare.DEFAULT_PROVIDERS` (CUDA, then CPU; never ORT's TensorRT
+    EP) filtered by what this onnxruntime build has -- the same rule as ``compare.ort_session``.
+    """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -127,41 +128,45 @@ class OrtBackend:
         onnx_path: the .onnx file (external data next to it is found by ONNX Runtime).
         providers: ONNX Runtime execution providers; default :func:`default_providers` (CUDA when
             onnxruntime-gpu sees a GPU, else CPU). Pass ``["TensorrtExecutionProvider", ...]`` to try ORT's
-            TensorRT EP.
+            TensorRT EP. A provider this onnxruntime lacks is a ValueError.
         name: defaults to the file name without ``.onnx``.
-        session_options: an ``onnxruntime.SessionOptions`` (default: warnings and errors only).
 
-    Feeds go through host memory: each torch tensor becomes a numpy array of the dtype the graph
-    declares (int32 timestep and input_ids stay int32, an fp16 graph gets fp16); outputs come back as
+    The session comes from :func:`course_lib.compare.ort_session` (chapter 1), so the parity checks and
+    the pipeline run the same way. Feeds go through host memory: each torch tensor becomes a numpy array
+    of the dtype the graph declares (an int64 timestep becomes the graph's int32, an fp16 graph gets
+    fp16); a shape that the graph fixes otherwise is a ValueError naming the input. Outputs come back as
     float32 torch tensors on the feed's device. Simple and exact, not the fastest path on a GPU.
     """
 
     def __init__(self, onnx_path: str | os.PathLike, providers: Sequence[str] | None = None,
-                 name: str | None = None, session_options=None):
-        import onnxruntime as ort
-
+                 name: str | None = None):
         path = os.fspath(onnx_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ONNX file not found: {path}")
-        if session_options is None:
-            session_options = ort.SessionOptions()
-            session_options.log_severity_level = 3
         self.providers = list(providers) if providers is not None else default_providers()
-        self.session = ort.InferenceSession(path, sess_options=session_options, providers=self.providers)
+        self.session = ort_session(path, self.providers)   # FileNotFoundError / ValueError, one line
         self.path = path
         self.name = name or os.path.basename(path).removesuffix(".onnx")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._np_types = {}
+        self._np_types, self._shapes = {}, {}
         for i in self.session.get_inputs():
             if i.type not in _ORT_TYPES:
                 raise ValueError(f"{self.name}: input {i.name!r} has type {i.type}, expected one of {list(_ORT_TYPES)}")
             self._np_types[i.name] = _ORT_TYPES[i.type]
+            self._shapes[i.name] = tuple(d if isinstance(d, int) else None for d in i.shape)  # None: dynamic
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        want = self._shapes[name]
+        if len(shape) != len(want) or any(w is not None and w != g for w, g in zip(want, shape)):
+            shown = tuple("?" if w is None else w for w in want)
+            raise ValueError(f"{self.name}: input {name!r} has shape {shape}, the ONNX file expects {shown} "
+                             f"(export it at this size, or with dynamic axes)")
 
     def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Chapter 2: run the session on a feed by name; returns ``{output name: float32 tensor}``."""
         check_feed(self.name, feed, self.input_names)
         device = _feed_device(feed)
+        for n in self.input_names:
+            self._check_shape(n, tuple(feed[n].shape))
         np_feed = {n: feed[n].detach().cpu().numpy().astype(self._np_types[n], copy=False)
                    for n in self.input_names}
         outs = self.session.run(self.output_names, np_feed)
@@ -177,7 +182,7 @@ class TrtBackend:
 
     Args:
         plan_path: the serialized engine (.plan) built in chapter 2.
-        use_cuda_graph: replay a captured CUDA graph after the first call (chapter 3).
+        use_cuda_graph: warm up, capture a CUDA graph, then replay it (chapter 2 times it, chapter 3 uses it).
         stream: a ``torch.cuda.Stream`` (or raw handle) to run on; default: torch's current stream.
         name: defaults to the file name without ``.plan``.
         copy_outputs: the Engine reuses its output buffers on every call, so by default the outputs are
@@ -228,5 +233,44 @@ class TrtBackend:
         return f"TrtBackend({self.name!r}, {self.path!r}, cuda_graph={self.use_cuda_graph})"
 
 
-__all__ = ["Backend", "check_feed", "TorchBackend", "OrtBackend", "TrtBackend", "default_providers",
-           "MissingDependency"]
+BACKEND_KINDS = ("torch", "ort", "trt")
+
+
+def make_backends(kind: str, model=None, onnx_dir: str | os.PathLike | None = None,
+                  plan_dir: str | os.PathLike | None = None, use_cuda_graph: bool = False) -> dict[str, Backend]:
+    """Chapter 2: one backend per CNSD sub-model, all of one kind -- what ``Canny2Image`` takes.
+
+    Args:
+        kind: ``"torch"`` (the modules of ``model``, a ``CNSD`` from ``build_cnsd``, on its device),
+            ``"ort"`` (``onnx_dir/<name>.onnx``, written by ``python -m course_lib export``) or
+            ``"trt"`` (``plan_dir/<name>.plan``, written by ``python -m course_lib build``).
+        model: the ``CNSD`` for ``kind="torch"``.
+        onnx_dir, plan_dir: the folder for ``"ort"`` / ``"trt"``.
+        use_cuda_graph: ``"trt"`` only: replay CUDA graphs (see :class:`TrtBackend`).
+
+    Returns ``{"clip": ..., "controlnet": ..., "unet": ..., "decoder": ...}``. Mix kinds by merging
+    dicts, e.g. ``{**make_backends("ort", onnx_dir=d), "clip": make_backends("torch", model)["clip"]}``.
+    A missing argument, folder or file raises ValueError / FileNotFoundError naming it.
+    """
+    from .cnsd.contract import MODEL_NAMES, contracts   # cnsd's pipeline imports this module
+
+    if kind not in BACKEND_KINDS:
+        raise ValueError(f"backend {kind!r}: expected one of {', '.join(BACKEND_KINDS)}")
+    if kind == "torch":
+        if model is None:
+            raise ValueError("backend 'torch' needs the CNSD model (build_cnsd or load_checkpoint)")
+        table = contracts(model.config)
+        return {n: TorchBackend(model.positional(n), table[n]) for n in MODEL_NAMES}
+    folder, option, command = (onnx_dir, "onnx-dir", "export") if kind == "ort" else (plan_dir, "plan-dir", "build")
+    if folder is None or os.fspath(folder) == "":
+        raise ValueError(f"backend {kind!r} needs --{option} DIR ({option.replace('-', '_')}= in Python): the "
+                         f"folder that python -m course_lib {command} writes")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--{option} {os.fspath(folder)}: no such folder (make it with python -m course_lib {command})")
+    if kind == "ort":
+        return {n: OrtBackend(os.path.join(folder, f"{n}.onnx")) for n in MODEL_NAMES}
+    return {n: TrtBackend(os.path.join(folder, f"{n}.plan"), use_cuda_graph=use_cuda_graph) for n in MODEL_NAMES}
+
+
+__all__ = ["Backend", "BACKEND_KINDS", "check_feed", "TorchBackend", "OrtBackend", "TrtBackend", "default_providers",
+           "make_backends", "MissingDependency"]

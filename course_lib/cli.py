@@ -42,27 +42,6 @@ def _tokenizer(config: str, vocab: str | None):
     return get_tokenizer(vocab)
 
 
-def _backends(kind: str, model=None, onnx_dir: str | None = None, plan_dir: str | None = None,
-              use_cuda_graph: bool = False):
-    """One backend per sub-model: torch modules, ONNX files (``DIR/<name>.onnx``) or plans (``DIR/<name>.plan``)."""
-    from .backends import OrtBackend, TorchBackend, TrtBackend
-    from .cnsd import MODEL_NAMES, contracts
-
-    if kind == "torch":
-        table = contracts(model.config)
-        return {n: TorchBackend(model.positional(n), table[n]) for n in MODEL_NAMES}
-    folder = Path(onnx_dir if kind == "ort" else plan_dir or "")
-    option = "--onnx-dir" if kind == "ort" else "--plan-dir"
-    if not (onnx_dir if kind == "ort" else plan_dir):
-        raise ValueError(f"--backend {kind} needs {option} DIR (made by python -m course_lib "
-                         f"{'export' if kind == 'ort' else 'build'})")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{option} {folder}: no such folder")
-    if kind == "ort":
-        return {n: OrtBackend(folder / f"{n}.onnx") for n in MODEL_NAMES}
-    return {n: TrtBackend(folder / f"{n}.plan", use_cuda_graph=use_cuda_graph) for n in MODEL_NAMES}
-
-
 # ------------------------------------------------------------------------------------------ commands
 def cmd_env(args) -> int:
     from .env import detect
@@ -94,6 +73,7 @@ def cmd_demo(args) -> int:
     """Chapter 1's whole story on the tiny model, offline: export, parity, canny2image on torch and ORT."""
     import numpy as np
 
+    from .backends import make_backends
     from .cnsd.export import check_exports, export_cnsd
     from .cnsd.pipeline import Canny2Image
     from .samples import sample_photo, write_image
@@ -108,7 +88,7 @@ def cmd_demo(args) -> int:
     table = check_exports(model, out / "onnx", height=args.height, width=args.width)
     images = {}
     for kind in ("torch", "ort"):
-        pipe = Canny2Image(_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config,
+        pipe = Canny2Image(make_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config,
                            progress=not args.quiet)
         images[kind] = pipe.process(photo, "a bird", image_resolution=min(args.height, args.width),
                                     ddim_steps=args.steps)[0]
@@ -124,6 +104,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .backends import make_backends
     from .cnsd.pipeline import Canny2Image
     from .samples import read_image, sample_photo, write_image
 
@@ -137,7 +118,7 @@ def cmd_run(args) -> int:
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
     if model is not None:
         model = model.to(device)
-    backends = _backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
+    backends = make_backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
     pipe = Canny2Image(backends, _tokenizer(args.config, args.vocab), config, device=device, cfg=args.cfg)
     photo = read_image(args.image) if args.image else sample_photo()
     image = pipe.process(photo, args.prompt, image_resolution=args.resolution, ddim_steps=args.steps, seed=args.seed)[0]

@@ -1,0 +1,220 @@
+"""course_lib.cli (``python -m course_lib ...``) and backends.make_backends, on the tiny model at 64x64.
+
+Commands run in-process through ``main(argv)`` (fast: torch is imported once); the TensorRT check and
+the entry point run as a real subprocess. One export (module fixture) serves the run/score tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from course_lib.backends import OrtBackend, TorchBackend, make_backends
+from course_lib.cli import EXIT_USAGE, main
+from course_lib.cnsd import MODEL_NAMES, build_cnsd, contracts, get_config
+from course_lib.cnsd.pipeline import Canny2Image
+from course_lib.cnsd.tokenizer import byte_level_tokenizer
+from course_lib.env import has_module
+from course_lib.samples import read_image, sample_photo, write_image
+from course_lib.score import max_pixel_diff, psnr
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 64          # image height = width; tiny's latent is 8x8
+STEPS = 4
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error: ...`` lines (progress bars also go to stderr)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "onnx"
+    code, out, _ = run_main(["export", "--config", "tiny", "--out", folder, "--height", SIZE, "--width", SIZE])
+    return folder, code, out
+
+
+@pytest.fixture(scope="module")
+def photo_file(tmp_path_factory):
+    """A 64x64 photo: at --resolution 64 the pipeline keeps it 64x64, the size of the static export."""
+    return write_image(tmp_path_factory.mktemp("photo") / "photo.png", sample_photo(size=(SIZE, SIZE)))
+
+
+def test_export_writes_the_contract_and_passes_parity(exported):
+    folder, code, out = exported
+    assert code == 0, out
+    table = contracts(get_config("tiny"), 1, SIZE, SIZE)
+    for name in MODEL_NAMES:
+        graph = onnx.load(str(folder / f"{name}.onnx"), load_external_data=False).graph
+        assert [i.name for i in graph.input] == table[name].input_names, name
+        assert [o.name for o in graph.output] == table[name].output_names, name
+    assert "PASSED" in out and "FAIL" not in out
+    assert sum(1 for line in out.splitlines() if line.rstrip().endswith(" ok")) == 1 + 13 + 1 + 1
+
+
+def test_export_to_an_existing_file_is_one_line_and_exit_2(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    code, _, err = run_main(["export", "--out", target, "--height", SIZE, "--width", SIZE, "--no-check"])
+    assert code == EXIT_USAGE
+    assert len(error_lines(err)) == 1 and "taken" in error_lines(err)[0]
+    assert target.read_text() == "not a folder"
+
+
+def test_run_torch_and_ort_give_the_same_image(exported, photo_file, tmp_path):
+    folder, code, _ = exported
+    assert code == 0
+    common = ["--config", "tiny", "--image", photo_file, "--resolution", SIZE, "--steps", STEPS]
+    code_t, out_t, _ = run_main(["run", "--backend", "torch", "--out", tmp_path / "torch.png", *common])
+    code_o, out_o, _ = run_main(["run", "--backend", "ort", "--onnx-dir", folder, "--out", tmp_path / "ort.png", *common])
+    assert (code_t, code_o) == (0, 0), out_t + out_o
+    assert "torch.png" in out_t and "ort.png" in out_o
+    image_t, image_o = read_image(tmp_path / "torch.png"), read_image(tmp_path / "ort.png")
+    assert image_t.shape == image_o.shape == (SIZE, SIZE, 3)
+    assert max_pixel_diff(image_t, image_o) <= 2
+    assert image_t.std() > 1  # not a flat image: the comparison means something
+
+
+def test_latents_of_ort_follow_torch_step_by_step(exported, photo_file):
+    folder, code, _ = exported
+    assert code == 0
+    model = build_cnsd(get_config("tiny"), seed=0)   # the CLI's default weights (export --seed 0)
+    photo, tokenizer = read_image(photo_file), byte_level_tokenizer()
+    latents = {}
+    for kind in ("torch", "ort"):
+        pipe = Canny2Image(make_backends(kind, model, onnx_dir=folder), tokenizer, model.config,
+                           progress=False, record_latents=True)
+        pipe.process(photo, "a bird", image_resolution=SIZE, ddim_steps=STEPS)
+        latents[kind] = pipe.last_latents
+    assert len(latents["torch"]) == len(latents["ort"]) == STEPS + 1
+    errors = [float((a - b).abs().max()) for a, b in zip(latents["torch"], latents["ort"])]
+    assert errors[0] == 0.0 and max(errors) < 1e-3, errors
+
+
+def test_run_ort_without_onnx_dir_is_one_line_and_exit_2(tmp_path):
+    code, _, err = run_main(["run", "--backend", "ort", "--steps", 1, "--out", tmp_path / "x.png"])
+    assert code == EXIT_USAGE
+    assert len(error_lines(err)) == 1 and "--onnx-dir" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_run_ort_at_another_size_names_the_input(exported, photo_file, tmp_path):
+    folder, code, _ = exported
+    assert code == 0
+    photo = write_image(tmp_path / "wide.png", sample_photo(size=(SIZE, 2 * SIZE)))   # 64x128: not the export's
+    code, _, err = run_main(["run", "--backend", "ort", "--onnx-dir", folder, "--image", photo,
+                             "--resolution", SIZE, "--steps", 1, "--out", tmp_path / "x.png"])
+    assert code == EXIT_USAGE
+    [line] = error_lines(err)
+    assert "'x_noisy'" in line and "(1, 4, 8, 8)" in line
+
+
+def test_run_with_a_missing_image_is_exit_2(tmp_path):
+    code, _, err = run_main(["run", "--image", tmp_path / "nope.png", "--steps", 1, "--out", tmp_path / "x.png"])
+    assert code == EXIT_USAGE
+    assert len(error_lines(err)) == 1 and "nope.png" in err
+
+
+@pytest.mark.skipif(has_module("tensorrt"), reason="tensorrt is installed: build would run")
+def test_build_without_tensorrt_says_so_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "course_lib", "build", "--onnx-dir", str(tmp_path),
+                           "--out", str(tmp_path / "plans")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TensorRT" in lines[0] and "install" in lines[0]
+    assert proc.stdout == "" and not (tmp_path / "plans").exists()
+
+
+@pytest.mark.skipif(has_module("tensorrt"), reason="tensorrt is installed: the missing-dependency path can't run")
+def test_run_trt_without_tensorrt_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "plans").mkdir()
+    code, _, err = run_main(["run", "--backend", "trt", "--plan-dir", tmp_path / "plans", "--steps", 1,
+                             "--out", tmp_path / "x.png"])
+    assert code == EXIT_USAGE
+    [line] = error_lines(err)
+    assert "tensorrt is not installed" in line and "TrtBackend" in line
+
+
+def test_env_prints_the_report():
+    code, out, _ = run_main(["env"])
+    assert code == 0
+    for row in ("torch", "CUDA GPU", "TensorRT", "onnxruntime", "ORT providers", "notebook cells"):
+        assert any(line.startswith(row) for line in out.splitlines()), row
+
+
+def test_score_prints_a_psnr_row_per_image(tmp_path):
+    rng = np.random.default_rng(0)
+    images, refs = tmp_path / "images", tmp_path / "refs"
+    expected = {}
+    for name in ("bird_0.png", "bird_1.png"):
+        ref = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+        image = np.clip(ref.astype(int) + rng.integers(-3, 4, ref.shape), 0, 255).astype(np.uint8)
+        write_image(refs / name, ref)
+        write_image(images / name, image)
+        expected[name] = (psnr(image, ref), max_pixel_diff(image, ref))
+    code, out, _ = run_main(["score", images, "--reference", refs, "--no-pd"])
+    assert code == 0
+    lines = out.splitlines()
+    assert "PSNR" in lines[0]
+    for name, (db, diff) in expected.items():
+        [row] = [line for line in lines if line.startswith(name)]
+        assert f"{db:.2f}" in row.split() and str(diff) in row.split()
+    assert "2 images" in lines[-1]
+
+
+def test_score_without_references_is_exit_2(tmp_path):
+    write_image(tmp_path / "images" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "refs").mkdir()
+    code, _, err = run_main(["score", tmp_path / "images", "--reference", tmp_path / "refs", "--no-pd"])
+    assert code == EXIT_USAGE and "a.png" in err
+
+
+@pytest.mark.slow
+def test_demo_small(tmp_path):
+    code, out, _ = run_main(["demo", "--out", tmp_path, "--height", SIZE, "--width", SIZE, "--steps", 2, "--quiet"])
+    assert code == 0, out
+    assert {"canny2image_torch.png", "canny2image_ort.png", "canny_hint.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert "PASSED" in out and "max pixel difference" in out
+
+
+def test_make_backends_kinds_and_errors(exported, tmp_path):
+    folder, code, _ = exported
+    assert code == 0
+    model = build_cnsd(get_config("tiny"), seed=0)
+    torch_backends = make_backends("torch", model)
+    ort_backends = make_backends("ort", onnx_dir=folder)
+    assert list(torch_backends) == list(ort_backends) == list(MODEL_NAMES)
+    assert all(isinstance(b, TorchBackend) for b in torch_backends.values())
+    assert all(isinstance(b, OrtBackend) for b in ort_backends.values())
+    for name in MODEL_NAMES:
+        assert torch_backends[name].input_names == ort_backends[name].input_names, name
+    with pytest.raises(ValueError, match="expected one of torch, ort, trt"):
+        make_backends("onnx", model)
+    with pytest.raises(ValueError, match="needs the CNSD model"):
+        make_backends("torch")
+    with pytest.raises(ValueError, match="--plan-dir DIR"):
+        make_backends("trt")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        make_backends("ort", onnx_dir=tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="clip.onnx"):
+        make_backends("ort", onnx_dir=tmp_path / "half")
+    feed = {"input_ids": torch.zeros(1, 77, dtype=torch.int64)}   # int64 is cast to the graph's int32
+    torch.testing.assert_close(ort_backends["clip"].infer(feed)["last_hidden_state"],
+                               torch_backends["clip"].infer(feed)["last_hidden_state"], rtol=1e-4, atol=1e-5)
