@@ -105,22 +105,17 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     from .backends import make_backends
+    from .cnsd import get_config
     from .cnsd.pipeline import Canny2Image
     from .samples import read_image, sample_photo, write_image
 
-    model = _model(args.config, args.checkpoint, args.seed_weights) if args.backend == "torch" or args.onnx_dir is None \
-        and args.plan_dir is None else None
-    if model is None:
-        from .cnsd import get_config
-        config = get_config(args.config)
-    else:
-        config = model.config
+    photo = read_image(args.image) if args.image else sample_photo()      # bad input first, before any model
+    config = get_config(args.config)
+    tokenizer = _tokenizer(args.config, args.vocab)
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
-    if model is not None:
-        model = model.to(device)
+    model = _model(args.config, args.checkpoint, args.seed_weights).to(device) if args.backend == "torch" else None
     backends = make_backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
-    pipe = Canny2Image(backends, _tokenizer(args.config, args.vocab), config, device=device, cfg=args.cfg)
-    photo = read_image(args.image) if args.image else sample_photo()
+    pipe = Canny2Image(backends, tokenizer, config, device=device, cfg=args.cfg)
     image = pipe.process(photo, args.prompt, image_resolution=args.resolution, ddim_steps=args.steps, seed=args.seed)[0]
     write_image(args.out, image)
     _say(f"{args.backend}: {pipe.last_timings.total:.0f} ms -> {args.out}")
