@@ -1,0 +1,399 @@
+"""Chapter 3: measuring canny2image -- timing, medians with their spread, tables, plots, JSON.
+
+Timing rules the chapter follows (and every number in docs/benchmarks.md obeys):
+
+* GPU work is asynchronous: :func:`time_cuda` times with CUDA events, :func:`time_cpu` with
+  ``perf_counter`` between two synchronizations; both run untimed warm-up calls first.
+* Report the median with its spread (p10-p90, IQR) over N runs, and keep every raw sample:
+  :func:`summarize` does both, so a reader (or the homework grader) can recompute the median.
+* Compare with the compute floor: :func:`floor_ms` of the FLOPs an image needs (:func:`image_tflop`,
+  15.8 TFLOP at 20 steps) at the GPU's dense fp16 rate.
+
+:func:`bench_pipeline` measures one variant of :mod:`course_lib.fastpath` (whole pipeline, per
+stage, error against the fp32 reference); :func:`run_bench` is the CLI's ``bench`` command.
+Chapter 2's homework HW2 (:mod:`course_lib.hw2`) times TensorRT plans with the same primitives.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+# FLOPs of the course's models at 256x384 (course_facts.md): per DDIM step with CFG batch 2, per image
+TFLOP = {"clip": 0.026, "controlnet": 0.191, "unet": 0.549, "decoder": 0.935}
+H100_DENSE_FP16_TFLOPS = 800.0      # what an H100 SXM's matrix units sustain on large fp16/bf16 products
+STAGES = ("clip", "controlnet", "unet", "step", "decoder")
+
+# ------------------------------------------------------------------------------------- timing
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10, sync_each: bool = True) -> list[float]:
+    """Chapter 3: milliseconds of ``iters`` calls of ``fn()`` measured with CUDA events, after ``warmup``.
+
+    ``sync_each=True`` (default) waits for the GPU before each call, so a sample is the latency of one
+    call including its launch gaps; False lets calls queue up back to back (throughput per call).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("time_cuda: no CUDA device here; expected a GPU (use time_cpu on the CPU)")
+    _check_counts(warmup, iters)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        if sync_each:
+            torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def time_cpu(fn: Callable[[], object], warmup: int = 1, iters: int = 10,
+             sync: Callable[[], None] | None = None) -> list[float]:
+    """Chapter 3: wall-clock milliseconds (``perf_counter``) of ``iters`` calls, ``sync()`` before and after each."""
+    _check_counts(warmup, iters)
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def _check_counts(warmup: int, iters: int) -> None:
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"warmup={warmup}, iters={iters}: expected warmup >= 0 and iters >= 1")
+
+
+def summarize(samples: Sequence[float]) -> dict:
+    """Chapter 3: ``{median, p10, p90, iqr, min, max, mean, n, raw}`` of timing samples (ms).
+
+    Percentiles are numpy's (linear interpolation); ``raw`` keeps every sample in order.
+    """
+    a = np.asarray(samples, dtype=np.float64)
+    if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)):
+        raise ValueError(f"samples: expected a non-empty list of finite numbers, got {list(samples)[:5]}")
+    p10, p25, p75, p90 = np.percentile(a, [10, 25, 75, 90])
+    return {"median": float(np.median(a)), "p10": float(p10), "p90": float(p90), "iqr": float(p75 - p25),
+            "min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "n": int(a.size),
+            "raw": [float(x) for x in a]}
+
+
+def image_tflop(steps: int = 20) -> float:
+    """Chapter 3: TFLOP one 256x384 image needs: CLIP + steps x (ControlNet + UNet, batch 2) + VAE decoder."""
+    return TFLOP["clip"] + steps * (TFLOP["controlnet"] + TFLOP["unet"]) + TFLOP["decoder"]
+
+
+def floor_ms(tflop: float, tflops: float = H100_DENSE_FP16_TFLOPS) -> float:
+    """Chapter 3: the compute floor in ms: ``tflop`` of work at ``tflops`` TFLOP/s (15.8 at 800 -> 19.75)."""
+    if not tflops > 0 or not tflop >= 0:
+        raise ValueError(f"floor of {tflop} TFLOP at {tflops} TFLOP/s: expected tflop >= 0 and tflops > 0")
+    return tflop / tflops * 1e3
+
+# -------------------------------------------------------------------------------- tables, JSON
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """Chapter 3: a GitHub markdown table; None as "-", floats with 1 decimal from 10 up, 2 below,
+    and 3 significant digits under 0.01 (errors such as ``1.23e-04``)."""
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, (float, np.floating)):
+            if not math.isfinite(v) or v == 0:
+                return str(float(v)).replace("0.0", "0")
+            return f"{v:.2e}" if abs(v) < 0.01 else f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def spread(s: Mapping) -> str:
+    """``"p10-p90"`` of a :func:`summarize` dict, e.g. ``"41.2-43.0"``."""
+    return f"{s['p10']:.1f}-{s['p90']:.1f}"
+
+
+def variant_table(results: Sequence[Mapping], baseline: str | None = None, floor: float | None = None) -> str:
+    """Chapter 3: one row per measured variant: median and spread (ms), speed-up over ``baseline``, ratio to
+    ``floor`` (ms), PSNR and largest pixel difference against the fp32 reference image."""
+    ok = [r for r in results if "total" in r]
+    base = next((r["total"]["median"] for r in ok if r["variant"] == baseline), None)
+    rows = []
+    for r in ok:
+        med = r["total"]["median"]
+        rows.append([r["variant"], med, spread(r["total"]), r["total"]["n"],
+                     base / med if base else None, med / floor if floor else None,
+                     r.get("psnr_vs_fp32"), r.get("max_diff_vs_fp32")])
+    rows += [[r["variant"], r.get("skipped") or "error: " + str(r.get("error", "?"))[:60]] + [None] * 6
+             for r in results if "total" not in r]
+    return markdown_table(["variant", "median ms", "p10-p90 ms", "n", "speed-up", "x floor", "PSNR dB", "max diff"], rows)
+
+
+def stage_table(results: Sequence[Mapping]) -> str:
+    """Chapter 3: per-stage medians (ms) of each variant: CLIP, ControlNet, UNet, one step, VAE decoder, whole."""
+    rows = [[r["variant"]] + [r["stages"][s]["median"] if s in r.get("stages", {}) else None for s in STAGES]
+            + [r["total"]["median"]] for r in results if "total" in r]
+    return markdown_table(["variant", "CLIP", "ControlNet /step", "UNet /step", "step (CN+UNet+CFG)", "VAE", "whole"],
+                          rows)
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else str(float(value))      # inf -> "inf"
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Chapter 3: write ``data`` as JSON atomically (temp file, then ``os.replace``); keys starting with
+    "_" are left out, non-finite floats become strings ("inf"). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+# -------------------------------------------------------------------------------------- plots
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Chapter 3: save a matplotlib Figure as PNG atomically (temp name, then ``os.replace``)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"plot {path}: expected a .png file name (PNG keeps notebook outputs stable)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_latencies(labels: Sequence[str], summaries: Sequence[Mapping], path: str | Path, title: str = "",
+                   floor: float | None = None, figsize: tuple[float, float] = (8.0, 4.5)) -> Path:
+    """Chapter 3: horizontal bars of median latency (log scale) with p10-p90 whiskers, and the floor
+    as a dashed line; saved as PNG at ``path`` (fixed ``figsize``). Returns the path."""
+    from matplotlib.figure import Figure
+
+    if len(labels) != len(summaries) or not labels:
+        raise ValueError(f"{len(labels)} labels for {len(summaries)} summaries: expected the same non-zero number")
+    med = np.array([s["median"] for s in summaries])
+    err = np.array([[m - s["p10"], s["p90"] - m] for m, s in zip(med, summaries)]).T
+    fig = Figure(figsize=figsize)
+    ax = fig.subplots()
+    y = np.arange(len(labels))[::-1]
+    ax.barh(y, med, xerr=err, color="tab:blue", capsize=3)
+    for yi, m, s in zip(y, med, summaries):
+        ax.text(s["p90"] * 1.08, yi, f"{m:.1f} ms", va="center", fontsize=8)
+    if floor:
+        ax.axvline(floor, color="tab:red", ls="--", label=f"compute floor {floor:.1f} ms")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(floor or med.min(), med.min()) / 1.5, med.max() * 3)
+    ax.set_xlabel("ms per image (median, p10-p90)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_quality_curve(points: Sequence[Mapping], path: str | Path, title: str = "",
+                       figsize: tuple[float, float] = (6.0, 4.0)) -> Path:
+    """Chapter 3: latency (x, ms) against PSNR (y, dB) of ``points`` ``{label, ms, psnr}``, one dot each."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    ax = fig.subplots()
+    for p in points:
+        same = not math.isfinite(p["psnr"])
+        psnr = 60.0 if same else p["psnr"]                              # identical images drawn at 60 dB
+        ax.plot(p["ms"], psnr, "o", color="tab:blue")
+        ax.annotate(p["label"] + (" (reference)" if same else ""), (p["ms"], psnr), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("ms per image (median)")
+    ax.set_ylabel("PSNR vs the 20-step image (dB)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+# -------------------------------------------------------------------------------- the pipeline
+
+
+def rel_l2(a, b) -> float:
+    """``||a - b|| / ||b||`` in float64 (inf when b is zero and a is not)."""
+    import torch
+
+    a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den else (0.0 if num == 0 else math.inf)
+
+
+def model_errors(reference, model, height: int = 256, width: int = 384, seed: int = 0) -> dict:
+    """Chapter 3: each sub-model of ``model`` against ``reference`` (the fp32 model) on the same random
+    inputs: ``{name: {rel_l2, max_abs, finite}}``, the worst over a model's outputs. The reference runs
+    in strict fp32 (TF32 off for convolutions and matmuls while it runs)."""
+    import torch
+
+    from .backends import TorchBackend
+    from .cnsd import MODEL_NAMES, contracts, example_inputs
+
+    table = contracts(reference.config, batch=1, height=height, width=width)
+    errors = {}
+    for name in MODEL_NAMES:
+        feed = example_inputs(table[name], seed)
+        flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            ref = TorchBackend(reference.positional(name), table[name]).infer(feed)
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        out = TorchBackend(model.positional(name), table[name]).infer(feed)
+        errors[name] = {"rel_l2": max(rel_l2(out[k], ref[k]) for k in ref),
+                        "max_abs": max((out[k] - ref[k]).abs().max().item() for k in ref),
+                        "finite": all(bool(out[k].isfinite().all()) for k in out)}
+    return errors
+
+
+def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, device: str = "cuda",
+                   iters: int = 10, warmup: int = 2, steps: int = 20, prompt: str = "a bird", seed: int = 2946901,
+                   reference_image: np.ndarray | None = None, stages: bool = True, stage_iters: int = 10,
+                   pipes: dict | None = None) -> dict:
+    """Chapter 3: measure one variant (a :class:`course_lib.fastpath.Switches` name) end to end.
+
+    ``models``: ``{"fp32": CNSD on device}``; the fp16 copy is made once and kept there (``"fp16"``).
+    "fp32-separate" runs the original ``Canny2Image``; every other variant runs ``FastCanny2Image``.
+    ``pipes``: a dict the caller keeps to reuse pipelines (their CUDA graphs, compiled code) between
+    variants that differ only in steps or eps reuse (:attr:`Switches.build_key`).
+    Returns ``{variant, switches, first_call_ms, total (summarize), stages {name: summarize},
+    psnr_vs_fp32, max_diff_vs_fp32, reused_steps}`` plus ``_image`` (not written to JSON), or
+    ``{variant, skipped}`` where the device can't run it.
+    """
+    from dataclasses import asdict
+
+    import torch
+
+    from .cnsd.pipeline import Canny2Image
+    from .fastpath import Switches, global_switches, to_half
+    from .fastpipeline import FastCanny2Image
+    from .score import max_pixel_diff, psnr
+
+    switches = Switches.from_name(variant)
+    result: dict = {"variant": switches.name, "switches": asdict(switches)}
+    if switches.needs_cuda and torch.device(device).type != "cuda":
+        return {**result, "skipped": "needs a CUDA GPU"}
+    if switches.dtype not in models:
+        models[switches.dtype] = to_half(models["fp32"])
+    model = models[switches.dtype]
+    cuda = torch.device(device).type == "cuda"
+    timer = (lambda fn, w, n: time_cuda(fn, w, n)) if cuda else (lambda fn, w, n: time_cpu(fn, w, n))
+    with global_switches(switches, model):
+        if switches.name == "fp32-separate":
+            pipe = Canny2Image.from_torch(model, tokenizer, device=device, progress=False, time_stages=False)
+        elif pipes is not None and switches.build_key in pipes:
+            pipe = pipes[switches.build_key]
+            pipe.switches = switches
+        else:
+            pipe = FastCanny2Image(model, tokenizer, switches, device)
+            if pipes is not None:
+                pipes[switches.build_key] = pipe
+        run = lambda: pipe.process(photo, prompt, image_resolution=min(photo.shape[:2]),  # noqa: E731
+                                   ddim_steps=steps, seed=seed)[0]
+        start = time.perf_counter()
+        image = run()                                              # first call: captures, compiles
+        result["first_call_ms"] = (time.perf_counter() - start) * 1e3
+        result["total"] = summarize(timer(run, max(warmup - 1, 0), iters))
+        result["reused_steps"] = getattr(pipe, "last_reused", 0)
+        if reference_image is not None:
+            result["psnr_vs_fp32"] = psnr(image, reference_image)
+            result["max_diff_vs_fp32"] = max_pixel_diff(image, reference_image)
+        if stages:
+            fast = pipe if isinstance(pipe, FastCanny2Image) else FastCanny2Image(model, tokenizer, switches, device)
+            fns = fast.stage_fns(photo.shape[0], photo.shape[1])
+            result["stages"] = {name: summarize(timer(fn, 3, stage_iters)) for name, fn in fns.items()}
+    result["_image"] = image
+    return result
+
+
+def environment_info(device: str = "cuda") -> dict:
+    """Chapter 3: what a benchmark ran on: GPU, driver, torch / CUDA / cuDNN versions, TF32 flags, host."""
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "device": device, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            info["driver"] = out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def run_bench(config: str = "tiny", variant: str = "fp32-separate", device: str | None = None, iters: int = 5,
+              warmup: int = 1, height: int = 256, width: int = 384, steps: int = 20, seed: int = 2946901,
+              out: str | Path | None = None, stages: bool = True) -> dict:
+    """Chapter 3: ``python -m course_lib bench``: one variant on a random-weight CNSD preset.
+
+    Builds ``config`` ("tiny" | "sd15") with seeded random weights, runs the fp32 original once for the
+    reference image (unless ``variant`` is it), then :func:`bench_pipeline`. With ``out``, writes
+    ``out/bench_<variant>.json`` (atomic). Returns the result dict with ``environment`` added.
+    """
+    import torch
+
+    from .cnsd import build_cnsd, get_config
+    from .cnsd.pipeline import Canny2Image
+    from .cnsd.tokenizer import get_tokenizer
+    from .samples import sample_photo
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_cnsd(get_config(config), seed=0).to(device)
+    tokenizer = get_tokenizer(allow_fallback=True)
+    photo = sample_photo(size=(height, width))
+    reference = None
+    if variant != "fp32-separate":
+        pipe = Canny2Image.from_torch(model, tokenizer, device=device, progress=False, time_stages=False)
+        reference = pipe.process(photo, "a bird", image_resolution=min(height, width), ddim_steps=steps, seed=seed)[0]
+    result = bench_pipeline(variant, {"fp32": model}, tokenizer, photo, device=device, iters=iters, warmup=warmup,
+                            steps=steps, seed=seed, reference_image=reference, stages=stages)
+    result.update(config=config, height=height, width=width, steps=steps, environment=environment_info(device),
+                  floor_ms=floor_ms(image_tflop(steps)) if config == "sd15" else None)
+    if out is not None:
+        write_json(Path(out) / f"bench_{result['variant']}.json", result)
+    return result
+
+
+def __getattr__(name: str):
+    """Chapter 2's HW2 helpers live in :mod:`course_lib.hw2`; ``from course_lib.bench import hw2_sweep`` works too."""
+    if name in ("hw2_sweep", "hw2_table", "plot_hw2", "hw2_feed"):
+        from . import hw2
+
+        return getattr(hw2, name)
+    raise AttributeError(f"module 'course_lib.bench' has no attribute {name!r}")
