@@ -6,7 +6,7 @@ benchmark row says exactly what it ran (``Switches.from_name("fp16-batched-graph
 ==============  ================================================================================
 token           what it does
 ==============  ================================================================================
-``fp32/fp16``   weights and activations in fp16 (:func:`to_half`; GroupNorm32 stays fp32)
+``fp32/fp16``   weights and activations in fp16 (:func:`to_half`; GroupNorm32 computes in fp32)
 ``separate``    cond and uncond as two calls of each model per step (the original)
 ``batched``     cond and uncond stacked into batch 2: one ControlNet + one UNet call per step,
                 and one CLIP call per image for both prompts
@@ -39,7 +39,6 @@ import torch
 
 from .cnsd.attention import ATTENTION_BACKENDS, set_attention_backend
 from .cnsd.sampler import CFG_MODES, DDIMSchedule, classifier_free_guidance
-from .cnsd.unet import GroupNorm32, timestep_embedding
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -124,16 +123,8 @@ class Switches:
 
 
 def to_half(cnsd: torch.nn.Module) -> torch.nn.Module:
-    """Chapter 3: an fp16 copy of a CNSD model; GroupNorm32 layers keep fp32 weights (they compute in fp32).
-
-    ``cnsd.half()`` alone fails: GroupNorm32 normalises ``x.float()``, and torch refuses float input
-    with half weights. The original model is left as it was.
-    """
-    model = copy.deepcopy(cnsd).half()
-    for module in model.modules():
-        if isinstance(module, GroupNorm32):
-            module.float()
-    return model.eval()
+    """Chapter 3: an fp16 copy of a CNSD model (GroupNorm32 still computes in fp32); the original is kept."""
+    return copy.deepcopy(cnsd).half().eval()
 
 
 def model_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -184,16 +175,7 @@ def controls_from_guided_hint(controlnet, x: torch.Tensor, guided_hint: torch.Te
     DDIM step: compute it once per image with ``controlnet.input_hint_block(hint, None, None)``.
     Returns the 13 controls, equal to ``controlnet(x, hint, timestep, context)`` (tests check it).
     """
-    emb = controlnet.time_embed(timestep_embedding(timestep, controlnet.config.model_channels).to(x.dtype))
-    outs, h = [], x
-    for i, (block, zero_conv) in enumerate(zip(controlnet.input_blocks, controlnet.zero_convs)):
-        h = block(h, emb, context)
-        if i == 0:
-            h = h + guided_hint
-        outs.append(zero_conv(h, emb, context))
-    h = controlnet.middle_block(h, emb, context)
-    outs.append(controlnet.middle_block_out(h, emb, context))
-    return tuple(outs)
+    return controlnet.controls(x, guided_hint, timestep, context)
 
 
 class GuidedEps:

@@ -30,7 +30,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input dtype (fp16 statistics overflow)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()    # a .half() model keeps fp16 weights
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):
