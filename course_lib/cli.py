@@ -135,6 +135,19 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Chapter 3: one pipeline variant on a random-weight preset; JSON under --out."""
+    from .bench import run_bench, stage_table, variant_table
+
+    result = run_bench(args.config, args.variant, device=args.device, iters=args.iters, warmup=args.warmup,
+                       height=args.height, width=args.width, steps=args.steps, seed=args.seed, out=args.out,
+                       stages=not args.no_stages)
+    _say(variant_table([result]))
+    if not args.no_stages:
+        _say(stage_table([result]))
+    return 0
+
+
 def cmd_score(args) -> int:
     from .score import score_folder, score_table
 
@@ -193,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cuda-graph", action="store_true", help="replay CUDA graphs (--backend trt)")
     r.add_argument("--device", help="cpu or cuda (default: cuda for trt, else cpu)")
 
+    n = sub.add_parser("bench", help="time one canny2image variant (chapter 3), e.g. fp16-batched-graph-sdpa")
+    n.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    n.add_argument("--variant", default="fp32-separate",
+                   help="switches joined by '-': fp32|fp16, separate|batched, graph, sdpa, hint-once, compile, "
+                        "reuse-epsN, stepsN, cache-text")
+    n.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    n.add_argument("--iters", type=int, default=5)
+    n.add_argument("--warmup", type=int, default=1)
+    n.add_argument("--height", type=int, default=256)
+    n.add_argument("--width", type=int, default=384)
+    n.add_argument("--steps", type=int, default=20)
+    n.add_argument("--seed", type=int, default=2946901)
+    n.add_argument("--out", help="folder for bench_<variant>.json")
+    n.add_argument("--no-stages", action="store_true", help="time the whole pipeline only")
+
     s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images")
     s.add_argument("images")
     s.add_argument("--reference", required=True, help="folder with the fp32 reference images (same names)")
@@ -202,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"env": cmd_env, "demo": cmd_demo, "export": cmd_export, "build": cmd_build, "run": cmd_run,
-            "score": cmd_score}
+            "score": cmd_score, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
