@@ -56,9 +56,15 @@ class CalibrationWriter:
     ``begin_run(**info)`` starts a run (image, prompt, seed ...); ``add(model, feed)`` writes one sample and
     works out its DDIM step from the ``timestep`` input (a new timestep = the next step); ``close()``
     writes the manifest, moves the folder into place and returns the :class:`CalibrationSet`.
+    ``step_stride`` k keeps the calls of every k-th DDIM step only (0, k, 2k, ...): at sd15 size one UNet
+    sample is ~10 MB (13 controls), so 20 images x 20 steps x 2 calls would be 8 GB.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False, info: Mapping | None = None):
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False, info: Mapping | None = None,
+                 step_stride: int = 1):
+        if not isinstance(step_stride, int) or step_stride < 1:
+            raise ValueError(f"step_stride {step_stride!r}: expected a positive integer (1 records every step)")
+        self.step_stride = step_stride
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"{self.out_dir} is a file: expected a folder for calibration data")
@@ -79,8 +85,9 @@ class CalibrationWriter:
         self._position.clear()
         return len(self.runs) - 1
 
-    def add(self, model: str, feed: Mapping) -> dict:
-        """Write one call's feed of ``model`` (``{input name: tensor or array}``); returns its manifest entry."""
+    def add(self, model: str, feed: Mapping) -> dict | None:
+        """Write one call's feed of ``model`` (``{input name: tensor or array}``); returns its manifest entry
+        (None for a DDIM step that ``step_stride`` skips)."""
         if not self.runs:
             raise ValueError("CalibrationWriter.add before begin_run: expected a run to record into")
         arrays = {name: np.ascontiguousarray(_to_numpy(value)) for name, value in feed.items()}
@@ -98,6 +105,8 @@ class CalibrationWriter:
         else:                                                         # same step, next call (cond, uncond)
             step, call = last[0], last[2] + 1
         self._position[model] = (step, timestep, call)
+        if step is not None and step % self.step_stride:
+            return None                                               # a step that is not kept
         samples = self.samples.setdefault(model, [])
         entry = {"file": f"{model}/{len(samples):06d}.npz", "run": len(self.runs) - 1, "step": step,
                  "timestep": timestep, "call": call}
@@ -150,7 +159,8 @@ class RecordingBackend:
 
 def capture_calibration(pipe, images: Sequence, prompts: Sequence[str], out_dir: str | os.PathLike, *,
                         seeds: Sequence[int] = (2946901,), models: Sequence[str] | None = None,
-                        overwrite: bool = False, progress: bool = True, **process_kwargs) -> "CalibrationSet":
+                        step_stride: int = 1, overwrite: bool = False, progress: bool = True,
+                        **process_kwargs) -> "CalibrationSet":
     """Chapter 5: run ``pipe.process`` once per (image, prompt, seed) and record every sub-model's inputs.
 
     Args:
@@ -159,6 +169,7 @@ def capture_calibration(pipe, images: Sequence, prompts: Sequence[str], out_dir:
         prompts, seeds: one per image, or a single one used for every image.
         out_dir: the calibration folder to write (e.g. ``calib_data``).
         models: which sub-models to record (default: all four the pipeline has).
+        step_stride: record ControlNet / UNet calls of every ``step_stride``-th DDIM step only.
         overwrite: replace an existing non-empty ``out_dir``.
         process_kwargs: passed to ``process()`` (e.g. ``ddim_steps=20, image_resolution=256``).
     Returns the :class:`CalibrationSet` as loaded back from disk. The pipeline is left as it was.
@@ -176,7 +187,8 @@ def capture_calibration(pipe, images: Sequence, prompts: Sequence[str], out_dir:
         raise ValueError(f"models {unknown}: expected some of the pipeline's {list(pipe.backends)}")
     info = {"created_by": "course_lib.calibration.capture_calibration", "cfg": pipe.cfg,
             "process": {k: v for k, v in process_kwargs.items() if isinstance(v, (int, float, str, bool))}}
-    writer = CalibrationWriter(out_dir, overwrite=overwrite, info=info)
+    info["step_stride"] = step_stride
+    writer = CalibrationWriter(out_dir, overwrite=overwrite, info=info, step_stride=step_stride)
     original = dict(pipe.backends)
     try:
         pipe.backends.update({m: RecordingBackend(original[m], writer, name=m) for m in models})
@@ -227,7 +239,8 @@ class CalibrationSet:
         return CalibrationReader(self, model, runs=runs, limit=limit)
 
     def __str__(self) -> str:
-        lines = [f"{self.path}: {len(self.runs)} run(s)"]
+        size = sum(f.stat().st_size for f in self.path.rglob("*.npz"))
+        lines = [f"{self.path}: {len(self.runs)} run(s), {size / 2**20:.1f} MiB"]
         for m in self.models:
             shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in self.input_shapes(m).items())
             lines.append(f"  {m:<10} {self.manifest['models'][m]['count']:>5} samples  {shapes}")

@@ -10,8 +10,7 @@ INT8 types only (no uint8), zero point 0 (symmetric), Q/DQ from the standard ONN
    the settings in :data:`ORT_TRT_OPTIONS` (QDQ format, QInt8 activations and weights, symmetric, bias
    left float, per-channel weights, Q/DQ on the inputs of the weighted layers only; "max" ranges).
    Ranges come from recorded inputs (:mod:`course_lib.calibration`). Layers left unquantized stay fp32;
-   for TensorRT INT8 against FP16, the float parts have to become FP16 too (ModelOpt's
-   ``high_precision_dtype="fp16"``, or chapter 3's FP16 conversion of the Q/DQ model).
+   for TensorRT INT8 against FP16 they have to be FP16 too (``high_precision="fp16"``, ModelOpt).
 2. :func:`sensitive_nodes` finds layers one may want to keep in float: the attention matmuls around the
    softmax, the norms, the first and last convs, the time embedding; pass them as ``exclude_nodes``.
 3. :func:`check_qdq` reads the result the way TensorRT will: every Q/DQ INT8 with zero point 0, each
@@ -53,6 +52,7 @@ SENSITIVE_GROUPS = ("attention", "norm", "first_last_conv", "time_embed")
 CALIBRATION_METHODS = ("max", "entropy")
 METHODS = ("auto", "ort", "modelopt")
 _NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
+_INT8 = onnx.TensorProto.DataType.Value("INT8")      # the only Q/DQ type TensorRT takes
 
 
 def _load_graph(onnx_path) -> onnx.ModelProto:
@@ -145,7 +145,8 @@ class QuantizeResult:
 def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration: str = "max",
                   per_channel: bool = True, op_types: Sequence[str] = INT8_OP_TYPES,
                   exclude_op_types: Sequence[str] = (), exclude_nodes: Mapping | Sequence[str] = (),
-                  providers: Sequence[str] | None = None, progress: bool = True) -> QuantizeResult:
+                  providers: Sequence[str] | None = None, high_precision: str = "fp32",
+                  progress: bool = True) -> QuantizeResult:
     """Chapter 5: write an INT8 Q/DQ copy of ``fp32_onnx`` to ``out_onnx`` that TensorRT can build.
 
     Args:
@@ -161,6 +162,8 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
         exclude_op_types, exclude_nodes: keep these float; ``exclude_nodes`` takes node names or the
             dict of :func:`sensitive_nodes`. An unknown node name is a ValueError.
         providers: ONNX Runtime providers for calibration (default CPU).
+        high_precision: the type of the layers left unquantized: "fp32", or "fp16" (ModelOpt only) for a
+            TensorRT INT8 engine to compare with an FP16 one.
     Returns a :class:`QuantizeResult`; a ``<out>.json`` sidecar records the settings and the check.
     Raises ValueError when the written model fails :func:`check_qdq` (nothing is left under ``out_onnx``).
     """
@@ -181,6 +184,9 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
         raise ValueError(f"exclude_nodes: {len(unknown)} name(s) not in {fp32_onnx.name}, e.g. {unknown[0]!r}")
     names += [n.name for n in graph.node if n.op_type in set(exclude_op_types) and n.name not in names]
     method = ("modelopt" if has_module("modelopt") else "ort") if method == "auto" else method
+    if high_precision not in ("fp32", "fp16") or (method == "ort" and high_precision != "fp32"):
+        raise ValueError(f"high_precision {high_precision!r} with method {method!r}: expected 'fp32', or 'fp16' "
+                         "with ModelOpt (for ORT's output, use chapter 3's FP16 conversion)")
     if method == "ort" and calibration == "entropy":
         raise ValueError("calibration='entropy' with ONNX Runtime: its entropy search is pure Python (~2 s per "
                          "tensor at TensorRT's 2048 bins; at quantize_static's fixed 128 bins it returns the max "
@@ -197,7 +203,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
         tmp_onnx = tmp / out_onnx.name
         run = _quantize_modelopt if method == "modelopt" else _quantize_ort
         samples = run(fp32_onnx, tmp_onnx, reader, calibration, per_channel, op_types, exclude_op_types, names,
-                      providers, external, progress)
+                      providers, external, high_precision, progress)
         report = check_qdq(tmp_onnx)
         if not report.passed:
             raise ValueError(f"{method} produced a Q/DQ model TensorRT would reject: {report.problems[0]} "
@@ -206,6 +212,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
                                 tuple(names), report)
         sidecar = {"source": str(fp32_onnx), "method": method, "calibration": calibration, "samples": samples,
                    "per_channel": per_channel, "op_types": list(op_types or []), "excluded_nodes": names,
+                   "high_precision": high_precision,
                    "ort_options": ORT_TRT_OPTIONS if method == "ort" else None, "versions": _versions(method),
                    "check": report.summary()}
         (tmp / (out_onnx.name + ".json")).write_text(json.dumps(sidecar, indent=1) + "\n")
@@ -255,7 +262,7 @@ def _progress_reader(reader, total: int | None, progress: bool):
 
 
 def _quantize_ort(fp32_onnx, out_onnx, reader, calibration, per_channel, op_types, exclude_op_types, names,
-                  providers, external, progress) -> int:
+                  providers, external, high_precision, progress) -> int:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     try:
@@ -280,7 +287,7 @@ def _quantize_ort(fp32_onnx, out_onnx, reader, calibration, per_channel, op_type
 
 
 def _quantize_modelopt(fp32_onnx, out_onnx, reader, calibration, per_channel, op_types, exclude_op_types, names,
-                       providers, external, progress) -> int:
+                       providers, external, high_precision, progress) -> int:
     from .env import require
 
     moq = require("modelopt.onnx.quantization", "INT8 quantization with ModelOpt (chapter 5)")
@@ -295,7 +302,7 @@ def _quantize_modelopt(fp32_onnx, out_onnx, reader, calibration, per_channel, op
                  op_types_to_exclude=list(exclude_op_types) or None,
                  nodes_to_exclude=[f"^{re.escape(n)}$" for n in names] or None,   # ModelOpt matches regexes
                  use_external_data_format=external, output_path=str(out_onnx),
-                 high_precision_dtype="fp32")                                    # keep the float parts fp32
+                 high_precision_dtype=high_precision, log_level="WARNING")
     return len(reader)
 
 # --------------------------------------------------------------------------------- the check
@@ -380,7 +387,7 @@ def check_qdq(onnx_path) -> QDQReport:
         if node.domain not in ("", "ai.onnx"):
             report.problems.append(f"{where}: domain {node.domain!r}, TensorRT parses only standard ONNX Q/DQ")
         dtype, zero = _int8_zero_point(node, consts, folder)
-        if dtype != onnx.TensorProto.INT8:
+        if dtype != _INT8:
             report.problems.append(f"{where}: type {type_name(dtype)}, TensorRT needs INT8")
         elif zero is None or np.any(zero != 0):
             report.problems.append(f"{where}: zero point not 0 (asymmetric), TensorRT needs 0")
@@ -395,15 +402,17 @@ def check_qdq(onnx_path) -> QDQReport:
             continue
         report.dequantize += 1
         source = node.input[0]
-        if source in consts:                                            # a quantized weight (or bias)
-            if consts[source].data_type != onnx.TensorProto.INT8:
+        q = producer.get(source)
+        if source in consts:                                            # an INT8 weight (or an int32 bias)
+            if consts[source].data_type != _INT8:
                 report.problems.append(f"{where}: reads {type_name(consts[source].data_type)} initializer "
                                        f"{source!r}, TensorRT needs INT8 weights (and float biases)")
-            per_channel = values is not None and values.size > 1
+        elif q is None or q.op_type != "QuantizeLinear":
+            report.problems.append(f"{where}: reads {source!r}, neither a QuantizeLinear output nor an INT8 weight")
+        if source in consts or (q is not None and q.op_type == "QuantizeLinear" and q.input[0] in consts):
+            per_channel = values is not None and values.size > 1         # a weight: stored INT8, or float + Q
             report.per_channel_weights += per_channel
             report.per_tensor_weights += not per_channel
-        elif source not in producer or producer[source].op_type != "QuantizeLinear":
-            report.problems.append(f"{where}: reads {source!r}, neither a QuantizeLinear output nor an INT8 weight")
     for node in graph.node:
         if node.op_type in INT8_OP_TYPES:
             from_dq = [i in producer and producer[i].op_type == "DequantizeLinear" for i in node.input[:2]]

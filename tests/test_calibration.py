@@ -82,6 +82,7 @@ def test_capture_records_steps_times_calls_with_the_contract_shapes(cnsd, captur
     assert [(r["prompt"], r["seed"], r["image"]) for r in manifest["runs"]] == [("a bird", 1, "image0"),
                                                                                  ("a bird", 2, "image1")]
     assert manifest["process"] == {"image_resolution": SIZE, "ddim_steps": STEPS} and manifest["cfg"] == "separate"
+    assert manifest["step_stride"] == 1
     # the pipeline got its own backends back, and nothing temporary is left next to the folder
     assert pipe.backends["unet"] is spies["unet"] and not any(isinstance(b, RecordingBackend) for b in pipe.backends.values())
     assert [p.name for p in calib.path.parent.iterdir()] == ["calib_data"]
@@ -153,3 +154,14 @@ def test_load_calibration_checks_the_folder(captured, tmp_path):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FileNotFoundError, match="sample file"):
         load_calibration(broken)
+
+
+def test_step_stride_keeps_every_kth_step(cnsd, photos, tmp_path):
+    pipe = Canny2Image.from_torch(cnsd, get_tokenizer(allow_fallback=True), progress=False)
+    calib = capture_calibration(pipe, photos[:1], ["a bird"], tmp_path / "calib", models=["controlnet", "clip"],
+                                step_stride=2, image_resolution=SIZE, ddim_steps=4, progress=False)
+    assert [(e["step"], e["call"]) for e in calib.samples("controlnet")] == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert len(calib.samples("clip")) == 2 and calib.models == ["clip", "controlnet"]
+    assert "MiB" in str(calib)
+    with pytest.raises(ValueError, match="step_stride 0"):
+        capture_calibration(pipe, photos[:1], ["a bird"], tmp_path / "x", step_stride=0, progress=False)

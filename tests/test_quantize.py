@@ -167,6 +167,18 @@ def test_check_rejects_asymmetric_and_uint8_quantization(tmp_path, activation_ty
     assert check_qdq(good).passed and check_qdq(good).layer_counts() == {"Conv": (1, 0), "MatMul": (1, 0)}
 
 
+def test_check_counts_weights_kept_float_behind_a_qdq_pair(tmp_path):
+    """ModelOpt (and ORT's AddQDQPairToWeight) keep weights float and put Q -> DQ after them."""
+    fp32 = _conv_matmul(tmp_path / "small.onnx")
+    out = tmp_path / "small.qdqw.onnx"
+    quantize_static(str(fp32), str(out), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={**ORT_TRT_OPTIONS, "AddQDQPairToWeight": True})
+    report = check_qdq(out)
+    assert report.passed and (report.per_channel_weights, report.per_tensor_weights) == (2, 0)
+    assert report.quantize == report.dequantize == 4                     # 2 activations + 2 weights
+
+
 def test_check_rejects_quantized_bias_missing_zero_point_and_a_lone_dequantize(tmp_path):
     fp32 = _conv_matmul(tmp_path / "small.onnx")
     biased = tmp_path / "small.bias.onnx"                 # ORT's default quantizes the conv bias to int32
