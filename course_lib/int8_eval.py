@@ -179,10 +179,16 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def detection_agreement(reference, candidate, iou_threshold: float = 0.5) -> DetectionAgreement:
     """Chapter 5: match INT8 detections to fp32 detections (after NMS), greedily by confidence.
 
-    Both are arrays (N, 6) of ``x1, y1, x2, y2, confidence, class``. An fp32 detection is found again
-    when an unmatched INT8 detection of the same class overlaps it with IoU >= ``iou_threshold``.
+    Both are arrays (N, 6) of ``x1, y1, x2, y2, confidence, class``, or chapter 6's ``Detections``
+    (``.boxes``, ``.scores``, ``.classes``). An fp32 detection is found again when an unmatched INT8
+    detection of the same class overlaps it with IoU >= ``iou_threshold``.
     """
-    ref, cand = (np.asarray(d, np.float64).reshape(-1, 6) for d in (reference, candidate))
+    def rows(d) -> np.ndarray:
+        if hasattr(d, "boxes"):
+            d = np.column_stack([np.asarray(d.boxes).reshape(-1, 4), np.asarray(d.scores), np.asarray(d.classes)])
+        return np.asarray(d, np.float64).reshape(-1, 6)
+
+    ref, cand = rows(reference), rows(candidate)
     free = np.ones(len(cand), bool)
     ious = []
     for det in ref[np.argsort(-ref[:, 4])]:

@@ -82,6 +82,10 @@ def test_detection_agreement_matches_by_class_and_iou():
     assert (agreement.reference, agreement.candidate, agreement.matched) == (3, 3, 1)
     assert agreement.mean_iou == pytest.approx(90 / 110) and agreement.recall == pytest.approx(1 / 3)
     assert detection_agreement(ref, ref).recall == 1.0 and detection_agreement(ref, ref).precision == 1.0
+    class Detections:                                   # chapter 6's result type: boxes, scores, classes
+        boxes, scores, classes = cand[:, :4], cand[:, 4], cand[:, 5].astype(int)
+
+    assert detection_agreement(ref, Detections()).matched == 1
     empty = detection_agreement(np.zeros((0, 6)), np.zeros((0, 6)))
     assert empty.recall == 1.0 and empty.matched == 0 and math.isnan(empty.mean_iou)
 
