@@ -218,3 +218,20 @@ def test_make_backends_kinds_and_errors(exported, tmp_path):
     feed = {"input_ids": torch.zeros(1, 77, dtype=torch.int64)}   # int64 is cast to the graph's int32
     torch.testing.assert_close(ort_backends["clip"].infer(feed)["last_hidden_state"],
                                torch_backends["clip"].infer(feed)["last_hidden_state"], rtol=1e-4, atol=1e-5)
+
+
+def test_yolo_export_detect_check_and_build(tmp_path):
+    onnx_path = tmp_path / "yolo.onnx"
+    code, out, _ = run_main(["yolo", "export", "--size", "n", "--img-size", "160", "--out", onnx_path])
+    assert code == 0 and "random weights" in out
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["output0"]
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == [1, 3 * (20**2 + 10**2 + 5**2), 14]
+    code, out, _ = run_main(["yolo", "detect", "--size", "n", "--img-size", "160", "--onnx", onnx_path,
+                             "--conf", "0.05", "--out", tmp_path / "boxes.png"])
+    assert code == 0 and "onnxruntime:" in out and read_image(tmp_path / "boxes.png").shape == (600, 512, 3)
+    code, out, _ = run_main(["yolo", "check", "--size", "n", "--img-size", "160", "--onnx", onnx_path])
+    assert "max abs error" in out and "detections reference / candidate" in out
+    if not has_module("tensorrt"):
+        code, _, err = run_main(["yolo", "build", "--onnx", onnx_path, "--out", tmp_path / "y.plan"])
+        assert code == EXIT_USAGE and "TensorRT" in err and len(err.strip().splitlines()) == 1
