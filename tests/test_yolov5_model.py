@@ -103,11 +103,17 @@ def test_load_errors(nano, tmp_path):
         load_yolov5_weights(model, tmp_path / "nc3.pt")
 
     (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match="neither a file written by torch.save nor a .safetensors"):
         load_yolov5_weights(model, tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"nor is this")
+    with pytest.raises(ValueError, match="not a readable .safetensors"):
+        load_yolov5_weights(model, tmp_path / "junk.safetensors")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "missing.pt").read_bytes()[:5000])   # a truncated download
+    with pytest.raises(ValueError, match="weights_only"):
+        load_yolov5_weights(model, tmp_path / "cut.pt")
 
     torch.save(nano, tmp_path / "whole_model.pt")              # like an ultralytics best.pt: a pickled model
-    with pytest.raises(ValueError, match=r"state_dict\(\)"):
+    with pytest.raises(ValueError, match=r"pickles Python objects.*torch.save\(m.float\(\).state_dict\(\)"):
         load_yolov5_weights(model, tmp_path / "whole_model.pt")
 
     fused = copy.deepcopy(nano).fuse_conv_bn()
