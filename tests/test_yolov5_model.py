@@ -80,7 +80,7 @@ def test_strict_load_round_trip(nano, tmp_path, suffix):
     else:
         save_file({k: v.contiguous() for k, v in nano.state_dict().items()}, str(path))
     other = YOLOv5(yolov5_preset("n", nc=9), seed=None)
-    x = torch.rand(1, 3, 128, 128)
+    x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert not torch.equal(other(x), nano(x))
         assert load_yolov5_weights(other, path) is other
@@ -146,3 +146,17 @@ def test_preset_errors():
         yolov5_preset("s", img_size=1000)
     with pytest.raises(ValueError, match="nc"):
         yolov5_preset("s", nc=0)
+
+
+def test_random_init_is_stable_and_input_dependent(nano):
+    """Lessons compare backends and precisions on the random model: it must not amplify rounding (chaos)
+    nor ignore its input (dead). float32 vs float64 stays close; two images give clearly different outputs."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(1, 3, 128, 128, generator=g), torch.rand(1, 3, 128, 128, generator=g) * 0.5
+    with torch.no_grad():
+        ya, yb = nano(a), nano(b)
+        y64 = copy.deepcopy(nano).double()(a.double())
+    assert (ya[..., 4:] - y64[..., 4:]).abs().max() < 1e-4
+    assert (ya[..., 4:] - yb[..., 4:]).abs().max() > 0.05
+    bn = nano.model[4].cv1.bn
+    assert bn.running_var.std() > 0 and bn.running_mean.abs().max() > 0

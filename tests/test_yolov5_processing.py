@@ -132,3 +132,18 @@ def test_draw_boxes_returns_a_new_image():
     assert drawn.shape == image.shape and drawn.dtype == np.uint8
     assert image.max() == 0 and drawn[50, 10].any() and not drawn[50, 30].any()
     assert dets.rows(names=[f"c{i}" for i in range(9)])[0].split()[:2] == ["c3", "0.930"]
+
+
+def test_image_to_boxes_with_the_model():
+    """PreProcessor -> YOLOv5 -> PostProcessor -> draw_boxes on a non-square image: boxes land inside it."""
+    from course_lib.yolov5 import YOLOv5, yolov5_preset
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (150, 250, 3), dtype=np.uint8)
+    images, box = PreProcessor(256)(image)
+    with torch.no_grad():
+        output = YOLOv5(yolov5_preset("n", nc=9, img_size=256), seed=0)(images)
+    dets = PostProcessor(conf_threshold=0.05)(output, box)
+    assert len(dets) > 0
+    assert (dets.boxes[:, [0, 2]] <= 250).all() and (dets.boxes[:, [1, 3]] <= 150).all() and (dets.boxes >= 0).all()
+    assert (dets.classes < 9).all() and (np.diff(dets.scores) <= 0).all()
+    assert draw_boxes(image, dets).shape == image.shape
