@@ -130,6 +130,7 @@ class _Payload:
         return (Path.write_text, (Path(self.marker), "pwned"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_load_refuses_pickled_code(tmp_path):
     _Payload.marker = str(tmp_path / "ran.txt")
     with open(tmp_path / "evil.pt", "wb") as f:
