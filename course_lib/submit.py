@@ -1,0 +1,304 @@
+"""Homework submission: run a homework's tests on the student's machine and hand in one zip.
+
+Each homework chapter ends with a "Hand it in" cell; from a terminal::
+
+    python -m course_lib submit --hw 1 --student alice --seed 1234 --out alice_hw1.zip
+
+The homework's files live in ``homework/<hw1|hw2|hw3|int8>/`` (see :data:`course_lib.homework.ARTIFACTS`
+for each file and the chapter cell that makes it; :func:`write_hw1_evidence` and :func:`write_hw3_evidence`
+write HW1's and HW3's). :func:`submit` runs the homework's tests here (the same tests the grader re-runs,
+see :mod:`course_lib.homework`), then writes one zip, atomically::
+
+    manifest.json      homework, student, issued seed, config, time (UTC), course_lib / Python / torch / onnx /
+                       onnxruntime / TensorRT versions, GPU name and driver, SHA-256 and size of every member
+    checks.json        the tests' results on this machine
+    artifacts/...      ONNX (+ external data), sidecars (never the .plan files), images, JSON, safetensors
+
+No pickles: JSON, ONNX, NPZ, PNG and safetensors only. For sd15 the ONNX files go in without their weights
+(gigabytes, and the grader can't rebuild the real checkpoint anyway): their structure is graded, their
+numbers are trusted from ``checks.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .homework import ARTIFACTS, FOLDERS, MODELS, Evidence, Outcome, derive_seed, homework_name, run_tests
+from .safezip import ALLOWED_SUFFIXES, ZipLimits, check_external_data, hash_files, write_zip
+
+FORMAT = "course_lib.submission/1"
+_STUDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def sanitize_student_id(student) -> str:
+    """Homework submission: the student ID if it is 1-64 letters, digits, '.', '_', '-' (a letter or digit
+    first), else a ValueError."""
+    text = str(student).strip()
+    if not _STUDENT_ID.fullmatch(text) or text.endswith("."):
+        raise ValueError(f"--student {student!r}: expected 1-64 letters, digits, '.', '_' or '-' "
+                         "(starting with a letter or digit), e.g. the ID on your course account")
+    return text
+
+
+def machine_info() -> dict:
+    """Homework submission: versions (course_lib, Python, torch, onnx, onnxruntime, TensorRT, CUDA) and GPU."""
+    import onnx
+
+    from . import __version__
+    from .env import detect
+
+    env = detect()
+    gpu = {}
+    if env.has_gpu:
+        gpu = {"name": env.gpu_name, "compute_capability": env.compute_capability, "driver": _driver()}
+    return {"versions": {"course_lib": __version__, "python": env.python, "torch": env.torch, "onnx": onnx.__version__,
+                         "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt, "cuda": env.cuda_runtime},
+            "gpu": gpu, "platform": platform.platform()}
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def collect(hw, work: str | Path = "homework") -> list[str]:
+    """Homework submission: the files of homework ``hw`` under ``work/<folder>`` (names relative to it).
+
+    The artifacts of :data:`~course_lib.homework.ARTIFACTS` plus each ONNX file's external data. A missing
+    required file is a FileNotFoundError naming it and the chapter cell that makes it.
+    """
+    hw = homework_name(hw)
+    root = Path(work) / FOLDERS[hw]
+    names: list[str] = []
+    for artifact in ARTIFACTS[hw]:
+        found = sorted(p for p in root.glob(artifact.pattern) if p.is_file() or p.is_symlink())
+        if not found and artifact.required:
+            raise FileNotFoundError(f"homework {hw}: {root / artifact.pattern} is missing; "
+                                    f"it is made by {artifact.made_by}")
+        for p in found:
+            if p.is_symlink():
+                raise ValueError(f"{p} is a symbolic link: copy the file itself into {root}")
+            names.append(p.relative_to(root).as_posix())
+    for name in [n for n in names if n.endswith(".onnx")]:
+        for location in check_external_data(root / name, root):
+            data = (Path(name).parent / location).as_posix()
+            if Path(data).suffix not in ALLOWED_SUFFIXES:
+                raise ValueError(f"{name}: external data {location!r} must end in .data to be handed in")
+            names.append(data)
+    return list(dict.fromkeys(names))
+
+
+def strip_weights(src: str | Path, dst: str | Path, min_bytes: int = 1024) -> None:
+    """Homework submission (sd15): copy an ONNX graph without its weights (tensors of ``min_bytes`` or more).
+
+    The weights become external data in ``<name>.stripped``, a file that is not handed in: the graph, names,
+    shapes and small constants (Q/DQ scales) stay readable; ONNX Runtime can't run it.
+    """
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    location = Path(dst).name + ".stripped"
+    for tensor in model.graph.initializer:
+        if onnx.external_data_helper.uses_external_data(tensor) or len(tensor.raw_data) < min_bytes:
+            continue
+        length = len(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(dst))
+
+
+# ------------------------------------------------------------------------------- writing the evidence
+
+def _atomic_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64, width: int = 64, steps: int = 20,
+                       prompt: str = "a bird", seed: int = 2946901, photo=None, tokenizer=None,
+                       plan_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Homework 1 (chapters 1-2): export ``model``'s four sub-models to ``work/hw1/onnx`` and run canny2image on
+    torch, ONNX Runtime and (with ``plan_dir``, on a GPU) TensorRT; writes the images, ``run.json`` and the
+    plans' sidecars (not the plans). ``photo`` defaults to the sample photo at ``height`` x ``width``.
+    Returns the homework folder.
+    """
+    from .backends import make_backends
+    from .cnsd.pipeline import Canny2Image
+    from .cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
+    from .samples import sample_photo, write_image
+
+    folder = Path(work) / FOLDERS["1"]
+    _export_on_cpu(model, folder / "onnx", height=height, width=width, progress=progress)
+    photo = sample_photo(size=(height, width)) if photo is None else photo
+    if tokenizer is None:
+        tokenizer = byte_level_tokenizer() if model.config.name == "tiny" else get_tokenizer()
+    settings = {"image_resolution": min(photo.shape[:2]), "ddim_steps": steps, "seed": seed, "scale": 9.0,
+                "strength": 1.0, "eta": 0.0, "low_threshold": 100, "high_threshold": 200}
+    torch_device = next(model.parameters()).device
+    for kind in ("torch", "ort") + (("trt",) if plan_dir is not None else ()):
+        device = torch_device if kind == "torch" else ("cuda" if kind == "trt" else "cpu")
+        backends = make_backends(kind, model, onnx_dir=folder / "onnx", plan_dir=plan_dir)
+        pipe = Canny2Image(backends, tokenizer, model.config, device=device, progress=progress)
+        write_image(folder / "images" / f"canny2image_{kind}.png", pipe.process(photo, prompt, **settings)[0])
+    write_image(folder / "images" / "input.png", photo)
+    if plan_dir is not None:
+        for name in MODELS:
+            sidecar = Path(plan_dir) / f"{name}.plan.json"
+            if not sidecar.is_file():
+                raise FileNotFoundError(f"{sidecar} is missing: build the plans with python -m course_lib build")
+            _atomic_json(folder / "plans" / sidecar.name, json.loads(sidecar.read_text()))
+    _atomic_json(folder / "run.json", {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]),
+                                       "width": int(photo.shape[1]), "tokenizer": "byte-level" if getattr(
+                                           tokenizer, "byte_level", False) else "clip"})
+    return folder
+
+
+def save_fused_weights(model, path: str | Path) -> Path:
+    """Homework 3 (chapter 4): to_q/to_k/to_v and the fused to_qkv / to_kv weight of every fused attention
+    layer, as safetensors (course names, e.g. ``unet.middle_block.1.transformer_blocks.0.attn1.to_qkv.weight``)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, layer in model.named_modules():
+        fused = next((f for f in ("to_qkv", "to_kv") if hasattr(layer, f)), None)
+        if fused is None:
+            continue
+        for part in ("to_q", "to_k", "to_v", fused):
+            tensors[f"{name}.{part}.weight"] = getattr(layer, part).weight.detach().float().cpu().contiguous().clone()
+    if not tensors:
+        raise ValueError("the model has no fused attention layers (to_qkv / to_kv): fuse it first (fuse_qkv)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def write_hw3_evidence(fused_model, work: str | Path = "homework", *, height: int = 64, width: int = 64,
+                       progress: bool = True) -> Path:
+    """Homework 3 (chapter 4): export the fused ControlNet and UNet to ``work/hw3/onnx`` and save their
+    attention weights (:func:`save_fused_weights`). Returns the homework folder."""
+    folder = Path(work) / FOLDERS["3"]
+    save_fused_weights(fused_model, folder / "fused_qkv.safetensors")
+    _export_on_cpu(fused_model, folder / "onnx", height=height, width=width, models=["controlnet", "unet"],
+                   progress=progress)
+    return folder
+
+
+def _export_on_cpu(model, out_dir: Path, **kwargs) -> None:
+    """export_cnsd feeds CPU example inputs: export from the CPU, then put the model back where it was."""
+    from .cnsd.export import export_cnsd
+
+    device = next(model.parameters()).device
+    try:
+        export_cnsd(model.cpu(), out_dir, **kwargs)
+    finally:
+        model.to(device)
+
+
+# ------------------------------------------------------------------------------------------ submitting
+
+@dataclass
+class Submission:
+    """What :func:`submit` handed in (or would, with ``out=None``): files with sizes, the tests' results."""
+    homework: str
+    student: str
+    seed: int
+    files: dict[str, int]
+    checks: list[Outcome]
+    path: Path | None = None
+    stripped: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status != "failed" for c in self.checks)
+
+    def __str__(self) -> str:
+        head = f"homework {self.homework}, student {self.student}, seed {self.seed}: " + \
+            (f"{self.path} ({self.path.stat().st_size / 2**20:.1f} MB)" if self.path else "not written (dry run)")
+        lines = [head, "files:"]
+        lines += [f"  {size / 2**20:8.2f} MB  {name}" + ("  (weights left out)" if name in self.stripped else "")
+                  for name, size in self.files.items()]
+        lines.append("tests on this machine:")
+        lines += [f"  [{c.status.upper()}] {c.name}: {c.output}" for c in self.checks]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", out: str | Path | None = None,
+           config: str = "tiny", reference=None, limits: ZipLimits = ZipLimits(), progress: bool = True) -> Submission:
+    """Homework submission: run homework ``hw``'s tests on this machine and write the zip ``out``.
+
+    Args:
+        hw: "1", "2", "3" or "int8". student: your ID (letters, digits, '.', '_', '-').
+        seed: the seed your instructor issued (the tiny model is ``build_cnsd(get_config("tiny"), seed)``).
+        work: the folder holding ``hw1/``, ``hw2/``, ``hw3/``, ``int8/``.
+        out: the zip to write; None only runs the tests and lists the files (what the notebook cell shows).
+        config: "tiny" or "sd15" (sd15: the ONNX weights are left out of the zip).
+        reference: the unfused CNSD with the weights you used (sd15: with the checkpoint loaded); the tiny
+            preset's is rebuilt from ``seed``.
+    Returns a :class:`Submission`. Raises FileNotFoundError naming a missing file and the cell that makes it.
+    """
+    hw, student = homework_name(hw), sanitize_student_id(student)
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed {seed!r}: expected the non-negative integer your instructor issued")
+    if config not in ("tiny", "sd15"):
+        raise ValueError(f"--config {config!r}: expected 'tiny' or 'sd15'")
+    root = Path(work) / FOLDERS[hw]
+    names = collect(hw, work)
+    machine = machine_info()
+    with tempfile.TemporaryDirectory(prefix="course_submit_") as tmp:
+        sources = {n: root / n for n in names}
+        stripped, originals = [], {}
+        if config != "tiny":                           # leave the gigabytes of weights out
+            from .safezip import sha256_file
+            for name in [n for n in names if n.endswith(".onnx")]:
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                strip_weights(root / name, Path(tmp) / name)
+                originals[name], sources[name] = sha256_file(root / name), Path(tmp) / name
+                stripped.append(name)
+            sources = {n: p for n, p in sources.items() if not n.endswith(".onnx.data")}
+        ev = Evidence(hw, root, seed, config, machine, input_seed=derive_seed(seed, "student"),
+                      reference_model=reference)
+        checks = run_tests(ev, progress=progress)
+        sizes = {n: p.stat().st_size for n, p in sources.items()}
+        total = sum(sizes.values())
+        if total > limits.max_total_mb * 2**20 or max(sizes.values()) > limits.max_file_mb * 2**20:
+            raise ValueError(f"homework {hw}: {total / 2**20:.0f} MB of files, over the grader's limits "
+                             f"({limits.max_total_mb:g} MB in all, {limits.max_file_mb:g} MB per file): hand in "
+                             "the tiny preset's files, or ask your instructor")
+        submission = Submission(hw, student, seed, sizes, checks, stripped=stripped)
+        if out is None:
+            return submission
+        checks_json = json.dumps({"homework": hw, "seed": seed, "input_seed": ev.input_seed,
+                                  "tests": [c.to_dict() for c in checks]}, indent=1).encode()
+        checks_path = Path(tmp) / "checks.json"
+        checks_path.write_bytes(checks_json)
+        members = {"checks.json": checks_path, **{f"artifacts/{n}": p for n, p in sources.items()}}
+        manifest = {"format": FORMAT, "homework": hw, "student": student, "seed": seed, "config": config,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **machine,
+                    "stripped": originals, "files": hash_files(members, progress=progress)}
+        zip_members = {"manifest.json": json.dumps(manifest, indent=1).encode(), **members}
+        submission.path = write_zip(out, zip_members)
+    return submission
+

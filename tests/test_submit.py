@@ -1,0 +1,178 @@
+"""course_lib.submit (homework submission): what goes into the zip, and the errors a student sees.
+
+Homework 2's evidence (timings and plan sidecars) is written here as test data, so these tests need no
+model; the full HW1 and HW3 submissions are made (and graded) in test_grade.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from course_lib.bench import summarize, write_json
+from course_lib.homework import MODELS, TESTS, homework_name
+from course_lib.safezip import ZipLimits, check_external_data, sha256_file
+from course_lib.submit import (FORMAT, collect, machine_info, sanitize_student_id, save_fused_weights, strip_weights,
+                               submit)
+from course_lib.trt.plan import PlanSidecar, write_sidecar
+
+GPU = {"name": "NVIDIA GeForce RTX 3060", "compute_capability": "86", "driver": "580.65"}
+
+
+def write_hw2(work, tensorrt="10.8.0.43", gpu=GPU["name"], graph_factor=0.8, n=12):
+    """hw2_sweep's output as test data: records with raw samples and a plan sidecar per engine and level."""
+    folder = work / "hw2"
+    records = []
+    for i, model in enumerate(MODELS):
+        for level in (0, 3, 5):
+            for graph in (False, True):
+                base = (10.0 + i) * (1.0 - 0.02 * level) * (graph_factor if graph else 1.0)
+                raw = [base + 0.05 * ((k * 7) % 5) for k in range(n)]
+                records.append({"model": model, "opt_level": level, "cuda_graph": graph, "build_s": 3.0,
+                                "plan_mib": 12.0, "latency": summarize(raw)})
+            write_sidecar(folder / f"O{level}" / f"{model}.plan", PlanSidecar(
+                plan=f"{model}.plan", tensorrt=tensorrt, gpu=gpu, compute_capability="86",
+                profiles=[], precision="as in the ONNX (fp16)", builder_optimization_level=level, workspace_gib=10.0,
+                strongly_typed=True, build_seconds=3.0, built_at="2025-01-01T00:00:00", onnx_path=f"onnx/{model}.onnx",
+                onnx_sha256="0" * 64))
+    write_json(folder / "hw2.json", records)
+    return folder
+
+
+def test_student_ids():
+    assert sanitize_student_id(" alice_01 ") == "alice_01"
+    assert sanitize_student_id(20231234) == "20231234"
+    for bad in ("", "../bob", "a/b", ".hidden", "x" * 65, "名字", "a b", "bob."):
+        with pytest.raises(ValueError, match="expected 1-64 letters"):
+            sanitize_student_id(bad)
+
+
+def test_homework_names():
+    assert [homework_name(h) for h in (1, "hw2", "3", "INT8")] == ["1", "2", "3", "int8"]
+    with pytest.raises(ValueError, match="expected one of 1, 2, 3, int8"):
+        homework_name(4)
+
+
+def test_a_missing_artifact_names_the_file_and_the_chapter_cell(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"hw1/onnx/clip.onnx is missing; it is made by chapter 1, "
+                                                r"cell 'Export the four models': export_cnsd"):
+        collect("1", tmp_path)
+    (tmp_path / "hw3").mkdir()
+    for name in ("controlnet", "unet"):
+        for suffix in (".onnx", ".onnx.json"):
+            (tmp_path / "hw3" / "onnx").mkdir(exist_ok=True)
+            (tmp_path / "hw3" / "onnx" / (name + suffix)).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"hw3/fused_qkv.safetensors is missing; it is made by chapter 4, "
+                                                r"'Hand it in' cell: write_hw3_evidence"):
+        collect("3", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"hw2/hw2.json is missing; it is made by chapter 2, cell 'HW2'"):
+        collect("2", tmp_path)
+
+
+def test_collect_takes_only_the_homework_files(tmp_path):
+    folder = write_hw2(tmp_path)
+    (folder / "O3" / "unet.plan").write_bytes(b"engine")                 # plans never go in
+    (folder / "notes.pt").write_bytes(b"\x80\x04N.")                     # nor anything else
+    names = collect("2", tmp_path)
+    assert names[0] == "hw2.json" and len(names) == 1 + 12
+    assert all(n == "hw2.json" or n.endswith(".plan.json") for n in names)
+    os.symlink(folder / "hw2.json", folder / "plot.png")
+    with pytest.raises(ValueError, match="plot.png is a symbolic link"):
+        collect("2", tmp_path)
+
+
+def tiny_onnx(path, weight_rows=4):
+    weight = numpy_helper.from_array(np.arange(weight_rows * 4, dtype=np.float32).reshape(weight_rows, 4), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weight_rows])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(helper.make_model(graph), str(path))
+    return path
+
+
+def test_strip_weights_keeps_the_graph(tmp_path):
+    src = tiny_onnx(tmp_path / "a.onnx", weight_rows=64)                  # 1 KiB of weights
+    strip_weights(src, tmp_path / "b.onnx")
+    stripped = onnx.load(str(tmp_path / "b.onnx"), load_external_data=False)
+    w = stripped.graph.initializer[0]
+    assert w.data_location == TensorProto.EXTERNAL and not w.raw_data and list(w.dims) == [64, 4]
+    assert [n.op_type for n in stripped.graph.node] == ["MatMul"]
+    assert (tmp_path / "b.onnx").stat().st_size < 200 < src.stat().st_size - 900
+    assert check_external_data(tmp_path / "b.onnx", tmp_path, must_exist=False) == ["b.onnx.stripped"]
+
+
+def test_machine_info_names_the_versions():
+    info = machine_info()
+    assert {"course_lib", "python", "torch", "onnx", "onnxruntime", "tensorrt", "cuda"} <= set(info["versions"])
+    assert info["versions"]["onnx"] == onnx.__version__ and isinstance(info["gpu"], dict) and info["platform"]
+
+
+def test_submit_writes_one_zip_with_a_manifest_of_every_file(tmp_path):
+    folder = write_hw2(tmp_path / "homework")
+    (folder / "O0" / "clip.plan").write_bytes(b"engine")
+    out = tmp_path / "out" / "bob_hw2.zip"
+    sub = submit(2, "bob", 42, work=tmp_path / "homework", out=out, progress=False)
+    assert sub.path == out and sorted(os.listdir(out.parent)) == ["bob_hw2.zip"]     # atomic: no temp left
+    with zipfile.ZipFile(out) as zf:
+        names = zf.namelist()
+        manifest = json.loads(zf.read("manifest.json"))
+        checks = json.loads(zf.read("checks.json"))
+        assert set(manifest["files"]) == set(names) - {"manifest.json"}
+        for name, entry in manifest["files"].items():                                # every hash is right
+            data = zf.read(name)
+            assert entry["bytes"] == len(data) and entry["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    assert "artifacts/hw2.json" in names and not any(n.endswith((".plan", ".pt", ".pkl", ".pth")) for n in names)
+    assert manifest["format"] == FORMAT and manifest["homework"] == "2" and manifest["student"] == "bob"
+    assert manifest["seed"] == 42 and manifest["config"] == "tiny" and manifest["created"].endswith("Z")
+    assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"] and "gpu" in manifest
+    assert [t["name"] for t in checks["tests"]] == [s.name for s in TESTS["2"]]
+    by_name = {t["name"]: t for t in checks["tests"]}
+    assert by_name["hw2_summaries"]["status"] == "passed" and by_name["hw2_graph_ordering"]["status"] == "passed"
+    if not manifest["versions"]["tensorrt"]:                  # made on a machine without TensorRT: said so
+        assert by_name["manifest_versions"]["status"] == "failed"
+        assert "lacks tensorrt" in by_name["manifest_versions"]["output"]
+    text = str(sub)
+    assert text.startswith("homework 2, student bob, seed 42: ") and "hw2.json" in text and "[PASSED] hw2_summaries" in text
+
+
+def test_dry_run_writes_nothing_and_bad_arguments_are_one_line_errors(tmp_path):
+    write_hw2(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    sub = submit("2", "bob", 1, work=tmp_path, out=None, progress=False)
+    assert sub.path is None and "not written (dry run)" in str(sub) and len(sub.files) == 13
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    with pytest.raises(ValueError, match="--student '../x'"):
+        submit("2", "../x", 1, work=tmp_path, out=tmp_path / "x.zip")
+    with pytest.raises(ValueError, match="--seed -1"):
+        submit("2", "bob", -1, work=tmp_path, out=tmp_path / "x.zip")
+    with pytest.raises(ValueError, match="--config 'big'"):
+        submit("2", "bob", 1, work=tmp_path, out=tmp_path / "x.zip", config="big")
+    with pytest.raises(ValueError, match="over the grader's limits"):
+        submit("2", "bob", 1, work=tmp_path, out=tmp_path / "x.zip", limits=ZipLimits(max_total_mb=0.01), progress=False)
+    with pytest.raises(ValueError, match="ending in .zip"):
+        submit("2", "bob", 1, work=tmp_path, out=tmp_path / "x.tar", progress=False)
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_save_fused_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from course_lib.cnsd import build_cnsd, get_config
+    from course_lib.cnsd.fusion import fuse_qkv
+
+    model = build_cnsd(get_config("tiny"), seed=3)
+    with pytest.raises(ValueError, match="no fused attention layers"):
+        save_fused_weights(model, tmp_path / "f.safetensors")
+    fuse_qkv(model)
+    tensors = load_file(str(save_fused_weights(model, tmp_path / "f.safetensors")))
+    key = "unet.middle_block.1.transformer_blocks.0.attn1"
+    assert torch.equal(tensors[f"{key}.to_qkv.weight"], torch.cat([tensors[f"{key}.{p}.weight"] for p in ("to_q", "to_k", "to_v")]))
+    assert sum(k.endswith(".to_qkv.weight") for k in tensors) == 23 and sum(k.endswith(".to_kv.weight") for k in tensors) == 23
+    assert sha256_file(tmp_path / "f.safetensors") and not list(tmp_path.glob(".*tmp"))
