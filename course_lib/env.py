@@ -17,7 +17,7 @@ INSTALL_HINTS = {
                 "on a machine with an NVIDIA GPU",
     "cuda": "cuda-python (pip install cuda-python)",
     "polygraphy": "Polygraphy (pip install polygraphy)",
-    "modelopt": "NVIDIA ModelOpt (pip install \"nvidia-modelopt[onnx]\"; keep it out of a CPU venv: it pulls onnxruntime-gpu)",
+    "modelopt": "NVIDIA ModelOpt (pip install nvidia-modelopt[onnx]; keep it out of a CPU venv: it pulls onnxruntime-gpu)",
     "netron": "Netron (pip install netron)",
     "pytorch_fid": "pytorch-fid (pip install pytorch-fid) and its InceptionV3 weights",
     "onnxconverter_common": "onnxconverter-common (pip install onnxconverter-common)",
