@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
+from .unet import Upsample  # nearest x2 then a 3x3 conv named ``conv``, as in ldm's VAE
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -53,15 +54,6 @@ class AttnBlock(nn.Module):
         attn = ((q @ k) * c ** -0.5).softmax(dim=-1)            # (B, hw, hw)
         out = (v @ attn.transpose(1, 2)).reshape(b, c, h, w)    # (B, C, h, w)
         return x + self.proj_out(out)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Decoder(nn.Module):
