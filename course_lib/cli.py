@@ -243,6 +243,30 @@ def cmd_yolo(args) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_submit(args) -> int:
+    """Homework: run the homework's checks here and write one zip of evidence."""
+    from .submit import submit
+
+    result = submit(args.hw, args.student, args.seed, work=args.work, out=args.out, config=args.config)
+    _say(str(result))
+    return 0 if result.passed else 1
+
+
+def cmd_grade(args) -> int:
+    """Homework: grade a folder of submission zips on a CPU machine."""
+    from .grade import grade_folder, read_roster
+
+    roster = read_roster(args.roster) if args.roster else None
+    results = grade_folder(args.submissions, args.out, roster=roster, salt=args.salt, require_gpu=args.require_gpu)
+    from .grade import summary_row
+
+    for row in map(summary_row, results):
+        _say(f"{row['student'] or row['zip']:<20} hw {row['homework']}: {row['score']:g} / {row['max_score']:g}"
+             f" ({row['status']})")
+    _say(f"wrote {Path(args.out) / 'summary.csv'}")
+    return 0
+
+
 def cmd_score(args) -> int:
     from .score import score_folder, score_table
 
@@ -345,6 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "detect":
             c.add_argument("--out", help="write the photo with its boxes here (.png)")
 
+    h = sub.add_parser("submit", help="homework: run its checks and write one zip (see docs/instructors.md)")
+    h.add_argument("--hw", required=True, choices=["1", "2", "3", "int8"])
+    h.add_argument("--student", required=True, help="your ID (letters, digits, '.', '_', '-')")
+    h.add_argument("--seed", type=int, default=0, help="the seed your instructor issued")
+    h.add_argument("--out", help="the zip to write (default: only run the checks and list the files)")
+    h.add_argument("--work", default="homework", help="folder with hw1/, hw2/, hw3/, int8/ (default: homework)")
+    h.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+
+    g = sub.add_parser("grade", help="instructors: grade a folder of submission zips on a CPU machine")
+    g.add_argument("submissions", help="folder of *.zip")
+    g.add_argument("--out", required=True, help="results folder: <student>/results.json and summary.csv")
+    g.add_argument("--roster", help="CSV student,seed of the seeds you issued")
+    g.add_argument("--salt", default="", help="a secret mixed into the seeds of the re-check inputs")
+    g.add_argument("--require-gpu", action="store_true", help="GPU evidence (engines) counts towards the score")
+
     s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images")
     s.add_argument("images")
     s.add_argument("--reference", required=True, help="folder with the fp32 reference images (same names)")
@@ -354,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"env": cmd_env, "demo": cmd_demo, "export": cmd_export, "build": cmd_build, "run": cmd_run,
-            "score": cmd_score, "bench": cmd_bench, "yolo": cmd_yolo}
+            "score": cmd_score, "bench": cmd_bench, "yolo": cmd_yolo, "submit": cmd_submit, "grade": cmd_grade}
 
 
 def main(argv: list[str] | None = None) -> int:

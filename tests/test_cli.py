@@ -235,3 +235,20 @@ def test_yolo_export_detect_check_and_build(tmp_path):
     if not has_module("tensorrt"):
         code, _, err = run_main(["yolo", "build", "--onnx", onnx_path, "--out", tmp_path / "y.plan"])
         assert code == EXIT_USAGE and "TensorRT" in err and len(err.strip().splitlines()) == 1
+
+
+def test_submit_and_grade_hw3(tmp_path, monkeypatch):
+    from course_lib.cnsd.fusion import fuse_qkv
+    from course_lib.submit import write_hw3_evidence
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["submit", "--hw", "3", "--student", "alice", "--seed", "7", "--out", "subs/a.zip"])
+    assert code == EXIT_USAGE and "missing" in err and "chapter 4" in err      # no evidence yet: one clear line
+    model = build_cnsd(get_config("tiny"), seed=7)
+    fuse_qkv(model)
+    write_hw3_evidence(model, "homework")
+    code, out, _ = run_main(["submit", "--hw", "3", "--student", "alice", "--seed", "7", "--out", "subs/a.zip"])
+    assert code == 0 and "[FAILED]" not in out
+    code, out, _ = run_main(["grade", "subs", "--out", "results"])
+    score, total = out.split("hw 3:")[1].split("(")[0].split("/")
+    assert code == 0 and float(score) == float(total) > 0 and (tmp_path / "results" / "summary.csv").is_file()
