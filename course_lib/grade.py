@@ -78,6 +78,9 @@ def read_manifest(root: Path) -> dict:
         problems = [f"{key}={manifest.get(key)!r}" for key, ok in checks if not ok(manifest.get(key))]
     if problems:
         raise UnsafeSubmission(f"manifest.json: unexpected {', '.join(problems)[:200]} (format {FORMAT})")
+    if manifest["config"] == "tiny" and manifest["stripped"]:          # only sd15 may leave weights out
+        raise UnsafeSubmission("manifest.json: a tiny-preset submission lists files without their weights "
+                               f"({', '.join(sorted(manifest['stripped']))[:120]}); tiny files are re-checked whole")
     return manifest
 
 

@@ -14,9 +14,9 @@ see :mod:`course_lib.homework`), then writes one zip, atomically::
     checks.json        the tests' results on this machine
     artifacts/...      ONNX (+ external data), sidecars (never the .plan files), images, JSON, safetensors
 
-No pickles: JSON, ONNX, NPZ, PNG and safetensors only. For sd15 the ONNX files go in without their weights
-(gigabytes, and the grader can't rebuild the real checkpoint anyway): their structure is graded, their
-numbers are trusted from ``checks.json``.
+No pickles: JSON, ONNX, NPZ, PNG and safetensors only. For sd15 the weights stay out (gigabytes, and the
+grader can't rebuild the real checkpoint anyway): the ONNX files go in as graphs only, safetensors not at
+all; their structure is graded, their numbers are trusted from ``checks.json``.
 """
 from __future__ import annotations
 
@@ -134,10 +134,11 @@ def _atomic_json(path: Path, data) -> Path:
 
 def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64, width: int = 64, steps: int = 20,
                        prompt: str = "a bird", seed: int = 2946901, photo=None, tokenizer=None,
-                       plan_dir: str | Path | None = None, progress: bool = True) -> Path:
+                       plan_dir: str | Path | None = None, export: bool = True, progress: bool = True) -> Path:
     """Homework 1 (chapters 1-2): export ``model``'s four sub-models to ``work/hw1/onnx`` and run canny2image on
     torch, ONNX Runtime and (with ``plan_dir``, on a GPU) TensorRT; writes the images, ``run.json`` and the
     plans' sidecars (not the plans). ``photo`` defaults to the sample photo at ``height`` x ``width``.
+    ``export=False`` keeps the ONNX files already there (the ones the plans in ``plan_dir`` were built from).
     Returns the homework folder.
     """
     from .backends import make_backends
@@ -146,7 +147,8 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
     from .samples import sample_photo, write_image
 
     folder = Path(work) / FOLDERS["1"]
-    _export_on_cpu(model, folder / "onnx", height=height, width=width, progress=progress)
+    if export:
+        _export_on_cpu(model, folder / "onnx", height=height, width=width, progress=progress)
     photo = sample_photo(size=(height, width)) if photo is None else photo
     if tokenizer is None:
         tokenizer = byte_level_tokenizer() if model.config.name == "tiny" else get_tokenizer()
@@ -254,7 +256,7 @@ def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", ou
         seed: the seed your instructor issued (the tiny model is ``build_cnsd(get_config("tiny"), seed)``).
         work: the folder holding ``hw1/``, ``hw2/``, ``hw3/``, ``int8/``.
         out: the zip to write; None only runs the tests and lists the files (what the notebook cell shows).
-        config: "tiny" or "sd15" (sd15: the ONNX weights are left out of the zip).
+        config: "tiny" or "sd15" (sd15: the weights stay out of the zip: ONNX as graphs, no safetensors).
         reference: the unfused CNSD with the weights you used (sd15: with the checkpoint loaded); the tiny
             preset's is rebuilt from ``seed``.
     Returns a :class:`Submission`. Raises FileNotFoundError naming a missing file and the cell that makes it.
@@ -264,6 +266,8 @@ def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", ou
         raise ValueError(f"--seed {seed!r}: expected the non-negative integer your instructor issued")
     if config not in ("tiny", "sd15"):
         raise ValueError(f"--config {config!r}: expected 'tiny' or 'sd15'")
+    if out is not None and Path(out).suffix != ".zip":
+        raise ValueError(f"--out {out}: expected a file name ending in .zip")
     root = Path(work) / FOLDERS[hw]
     names = collect(hw, work)
     machine = machine_info()
@@ -272,21 +276,23 @@ def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", ou
         stripped, originals = [], {}
         if config != "tiny":                           # leave the gigabytes of weights out
             from .safezip import sha256_file
-            for name in [n for n in names if n.endswith(".onnx")]:
-                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-                strip_weights(root / name, Path(tmp) / name)
-                originals[name], sources[name] = sha256_file(root / name), Path(tmp) / name
+            for name in [n for n in names if n.endswith((".onnx", ".safetensors"))]:
+                originals[name] = sha256_file(root / name)
                 stripped.append(name)
-            sources = {n: p for n, p in sources.items() if not n.endswith(".onnx.data")}
-        ev = Evidence(hw, root, seed, config, machine, input_seed=derive_seed(seed, "student"),
-                      reference_model=reference)
-        checks = run_tests(ev, progress=progress)
+                if name.endswith(".onnx"):             # the graph stays: names, shapes, structure
+                    (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                    strip_weights(root / name, Path(tmp) / name)
+                    sources[name] = Path(tmp) / name
+            sources = {n: p for n, p in sources.items() if not n.endswith((".data", ".safetensors"))}
         sizes = {n: p.stat().st_size for n, p in sources.items()}
         total = sum(sizes.values())
         if total > limits.max_total_mb * 2**20 or max(sizes.values()) > limits.max_file_mb * 2**20:
             raise ValueError(f"homework {hw}: {total / 2**20:.0f} MB of files, over the grader's limits "
                              f"({limits.max_total_mb:g} MB in all, {limits.max_file_mb:g} MB per file): hand in "
                              "the tiny preset's files, or ask your instructor")
+        ev = Evidence(hw, root, seed, config, machine, input_seed=derive_seed(seed, "student"),
+                      reference_model=reference)
+        checks = run_tests(ev, progress=progress)
         submission = Submission(hw, student, seed, sizes, checks, stripped=stripped)
         if out is None:
             return submission

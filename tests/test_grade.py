@@ -219,6 +219,8 @@ def test_unsafe_or_tampered_zips_are_refused_and_nothing_is_written_outside_resu
     records[0]["latency"]["median"] = 1.0
     rewrite(good, subs / "tampered.zip", "artifacts/hw2.json", json.dumps(records).encode())
     manifest = zipfile.ZipFile(good).read("manifest.json")
+    claims_trust = json.loads(manifest) | {"stripped": {"hw2.json": "0" * 64}}   # "not re-checkable, trust me"
+    rewrite(good, subs / "trustme.zip", "manifest.json", json.dumps(claims_trust).encode())
     zip_with(subs / "dotdot.zip", {"manifest.json": manifest, "artifacts/../../../evil.json": b"{}"})
     zip_with(subs / "absolute.zip", {"manifest.json": manifest, str(tmp_path / "evil_abs.json"): b"{}"})
     zip_with(subs / "link.zip", {"manifest.json": manifest}, links={"artifacts/hw2.json": "../../../../etc/passwd"})
@@ -226,7 +228,8 @@ def test_unsafe_or_tampered_zips_are_refused_and_nothing_is_written_outside_resu
     results = {r["extra_data"]["zip"]: r for r in grade_folder(subs, tmp_path / "results", progress=False)}
     expected = {"tampered.zip": "tampered file: artifacts/hw2.json has sha256",
                 "dotdot.zip": "'..', '.' or an empty part in the path (path traversal)",
-                "absolute.zip": "an absolute path", "link.zip": "is a symbolic link: links are refused"}
+                "absolute.zip": "an absolute path", "link.zip": "is a symbolic link: links are refused",
+                "trustme.zip": "a tiny-preset submission lists files without their weights (hw2.json)"}
     for name, message in expected.items():
         r = results[name]
         assert r["score"] == 0 and r["extra_data"]["refused"] and message in r["output"], r["output"]
@@ -236,7 +239,8 @@ def test_unsafe_or_tampered_zips_are_refused_and_nothing_is_written_outside_resu
     added = tree(tmp_path) - before
     assert added and all(p.startswith("results") for p in added), sorted(added)
     assert not any("evil" in p for p in tree(tmp_path)) and not (tmp_path / "evil_abs.json").exists()
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["absolute", "bob", "dotdot", "link", "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["absolute", "bob", "dotdot", "link", "summary.csv",
+                                                                        "trustme"]
     rows = list(csv.DictReader(open(tmp_path / "results" / "summary.csv", newline="")))
     assert {r["status"] for r in rows} == {"refused"} and all(r["message"].startswith("refused ") for r in rows)
     # an oversize zip, and the untouched original graded with a roster
@@ -310,7 +314,7 @@ def test_sd15_reference_is_not_recheckable(tmp_path):
     (tmp_path / "onnx" / "unet.onnx").write_bytes(b"")
     ev = Evidence("1", tmp_path, 0, config="sd15", stripped=frozenset({"onnx/unet.onnx"}))
     with pytest.raises(NotRecheckable, match="without its weights"):
-        ev.onnx_with_weights("onnx/unet.onnx")
+        ev.with_weights("onnx/unet.onnx")
     outcome = {o.name: o for o in run_tests(ev)}["onnx_parity_unet"]
     assert outcome.status == "not re-checkable" and outcome.output.startswith("not re-checkable on CPU")
 
@@ -359,3 +363,24 @@ def test_int8_checks(tmp_path):
     assert not ok and "zero point not 0" in message
     assert int8_sidecar(ev) == (False, "controlnet.int8.onnx.json: its check differs from check_qdq on the file "
                                        "(was the file changed?)")
+
+
+@pytest.mark.slow
+def test_an_sd15_submission_leaves_the_weights_out_and_is_trusted(graded, tmp_path):
+    """sd15 files are handed in as graphs only (safetensors not at all); what needs weights is trusted.
+    (The tiny files stand in for sd15's here, so sd15's structure tests fail: that is not the point.)"""
+    base, _ = graded
+    sub = submit("3", "sam", SEED, work=base / "bea", out=tmp_path / "subs" / "sam.zip", config="sd15", progress=False)
+    assert sorted(sub.stripped) == ["fused_qkv.safetensors", "onnx/controlnet.onnx", "onnx/unet.onnx"]
+    with zipfile.ZipFile(sub.path) as zf:
+        names = zf.namelist()
+        manifest = json.loads(zf.read("manifest.json"))
+        graph = onnx.load_from_string(zf.read("artifacts/onnx/unet.onnx")).graph
+    assert "artifacts/fused_qkv.safetensors" not in names and sub.path.stat().st_size < 2**20
+    assert set(manifest["stripped"]) == set(sub.stripped) and all(len(h) == 64 for h in manifest["stripped"].values())
+    assert any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer)
+    r = grade_submission(sub.path, tmp_path / "results")
+    tags = {t["name"]: t["tags"][0] for t in r["tests"]}
+    assert {n for n, k in tags.items() if k == "trusted"} == {"hw3_fused_layers", "hw3_loaded_weights", "hw3_fused_weights",
+                                                              "hw3_onnx_outputs_controlnet", "hw3_onnx_outputs_unet"}
+    assert len(r["extra_data"]["flags"]) == 5 and not r["extra_data"]["refused"]

@@ -7,6 +7,7 @@ two tests every homework has are here too: :func:`manifest_versions` and :func:`
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -85,7 +86,7 @@ class Evidence:
 
     ``root`` is the homework folder (``homework/hw1`` on the student's machine, the zip's ``artifacts/`` at
     grading); ``seed`` the issued seed (the reference weights), ``input_seed`` the seed of fresh inputs;
-    ``machine`` the manifest's versions and GPU; ``stripped`` the ONNX files whose weights were left out.
+    ``machine`` the manifest's versions and GPU; ``stripped`` the files whose weights were left out (sd15).
     """
     homework: str
     root: Path
@@ -95,7 +96,7 @@ class Evidence:
     input_seed: int = 1
     claimed_seed: int | None = None          # the manifest's seed (grading with a roster)
     stripped: frozenset = frozenset()
-    originals: dict = field(default_factory=dict)   # stripped ONNX: its sha256 before stripping
+    originals: dict = field(default_factory=dict)   # stripped file: its sha256 before stripping
     reference_model: object = None           # an unfused CNSD given by the caller (sd15 on the student side)
     providers: tuple | None = None           # ONNX Runtime providers (None: CUDA if present, else CPU)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -123,11 +124,11 @@ class Evidence:
                                  "from the seed on this machine")
         return _tiny_reference(self.seed)
 
-    def onnx_with_weights(self, name: str) -> Path:
-        path = self.path(name)
+    def with_weights(self, name: str) -> Path:
+        """The path of a file whose weights the test needs: NotRecheckable where they were left out (sd15)."""
         if name in self.stripped:
             raise NotRecheckable(f"{name} was handed in without its weights (config {self.config})")
-        return path
+        return self.path(name)
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,6 +201,26 @@ def model_size(graph, name: str) -> tuple[int, int, int]:
         return batch, 64, 64
     scale = 1 if name == "controlnet" else 8
     return batch, dims[2] * scale, dims[3] * scale
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """TF32 off while the reference runs on a GPU (cuDNN's default TF32 convs differ from ONNX Runtime by ~1e-3)."""
+    import torch
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def run_reference(reference, name: str, feed: dict) -> tuple:
+    """The reference sub-model's outputs (on the CPU) for a CPU ``feed``, wherever the model lives (TF32 off)."""
+    import torch
+    device = next(reference.parameters()).device
+    with strict_fp32(), torch.no_grad():
+        return tuple(t.cpu() for t in reference.positional(name)(*(t.to(device) for t in feed.values())))
 
 
 def contract_of(ev: Evidence, name: str, graph):

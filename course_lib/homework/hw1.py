@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .evidence import (MODELS, Evidence, NotApplicable, NotRecheckable, Verdict, contract_of, graph_io, model_size,
-                       onnx_graph)
+                       onnx_graph, run_reference)
 
 IMAGE_MIN_PSNR = 30.0                  # dB: same model, other backend or machine (GPU vs CPU torch: ~60)
 TRT_IMAGE_MIN_PSNR = 25.0              # dB: TensorRT fp32 (TF32 tactics) against torch
@@ -58,17 +58,18 @@ def onnx_sidecars(ev: Evidence) -> Verdict:
 def parity_test(name: str) -> Callable[[Evidence], Verdict]:
     def onnx_parity(ev: Evidence) -> Verdict:
         from ..cnsd import example_inputs
-        from ..compare import check_onnx_against_torch
-        path = ev.onnx_with_weights(f"onnx/{name}.onnx")
-        reference = ev.reference()
-        batch, height, width = model_size(onnx_graph(path), name)
-        feed = example_inputs(contract_of(ev, name, onnx_graph(path)), ev.input_seed, reference.config.clip.vocab_size)
-        table = check_onnx_against_torch(reference.positional(name), path, feed, rtol=1e-3, atol=1e-4,
-                                         providers=ev.providers)
+        from ..compare import compare_outputs, ort_session, run_ort
+        path = ev.with_weights(f"onnx/{name}.onnx")
+        reference, graph = ev.reference(), onnx_graph(path)
+        contract = contract_of(ev, name, graph)
+        feed = example_inputs(contract, ev.input_seed, reference.config.clip.vocab_size)
+        want = dict(zip(contract.output_names, run_reference(reference, name, feed)))
+        table = compare_outputs(want, run_ort(ort_session(path, ev.providers), feed), rtol=1e-3, atol=1e-4)
         worst = max(r.max_abs for r in table.rows)
         close = len(table.rows) - len(table.failed)
-        return table.passed, (f"{close}/{len(table.rows)} outputs match the seed-{ev.seed} "
-                              f"reference on fresh inputs (max abs err {worst:.1e}, {batch}x{height}x{width})")
+        size = "x".join(map(str, model_size(graph, name)))
+        return table.passed, (f"{close}/{len(table.rows)} outputs match the seed-{ev.seed} reference on fresh "
+                              f"inputs (max abs err {worst:.1e}, {size})")
     onnx_parity.__doc__ = f"HW1: ONNX Runtime runs onnx/{name}.onnx like the reference model in torch."
     return onnx_parity
 
@@ -107,8 +108,8 @@ def image_rerun(ev: Evidence) -> Verdict:
         tokenizer = byte_level_tokenizer() if run.get("tokenizer") == "byte-level" else get_tokenizer()
     except FileNotFoundError as e:
         raise NotRecheckable(f"no CLIP vocabulary on this machine ({e})") from None
-    pipe = Canny2Image.from_torch(reference, tokenizer, progress=False, time_stages=False,
-                                  cfg=run.get("cfg", "separate"))
+    pipe = Canny2Image.from_torch(reference, tokenizer, device=next(reference.parameters()).device, progress=False,
+                                  time_stages=False, cfg=run.get("cfg", "separate"))
     image = pipe.process(_image(ev, "images/input.png"), run.get("prompt", "a bird"), **settings)[0]
     return _agree(image, _image(ev, "images/canny2image_torch.png"), IMAGE_MIN_PSNR,
                   f"re-run ({settings.get('ddim_steps', 20)} steps) vs the handed-in torch image")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .evidence import Evidence, NotApplicable, Verdict
+from .evidence import Evidence, NotApplicable, Verdict, strict_fp32
 
 
 
@@ -43,7 +43,7 @@ def _attention_layers(config_name: str) -> dict[str, bool]:
 def _fused_file(ev: Evidence) -> dict:
     if "fused" not in ev._cache:
         from safetensors.torch import load_file
-        ev._cache["fused"] = load_file(str(ev.path("fused_qkv.safetensors")), device="cpu")
+        ev._cache["fused"] = load_file(str(ev.with_weights("fused_qkv.safetensors")), device="cpu")
     return ev._cache["fused"]
 
 
@@ -63,7 +63,7 @@ def hw3_loaded_weights(ev: Evidence) -> Verdict:
     import torch
     tensors, state = _fused_file(ev), ev.reference().state_dict()
     keys = [f"{p}.{part}.weight" for p in _attention_layers(ev.config) for part in ("to_q", "to_k", "to_v")]
-    bad = [k for k in keys if k not in tensors or not torch.equal(tensors[k].float(), state[k].float())]
+    bad = [k for k in keys if k not in tensors or not torch.equal(tensors[k].float(), state[k].float().cpu())]
     if bad:
         return False, (f"{len(bad)} of {len(keys)} to_q/to_k/to_v weights differ from the seed-{ev.seed} model's, "
                        f"e.g. {bad[0]}")
@@ -94,7 +94,7 @@ def hw3_fused_weights(ev: Evidence) -> Verdict:
         key = f"{path}.{'to_qkv' if is_self else 'to_kv'}.weight"
         if key not in tensors:
             return False, f"{key} is not in fused_qkv.safetensors"
-        parts = {n: state[f"{path}.{n}.weight"].float() for n in (("to_q",) if is_self else ()) + ("to_k", "to_v")}
+        parts = {n: state[f"{path}.{n}.weight"].float().cpu() for n in (("to_q",) if is_self else ()) + ("to_k", "to_v")}
         problem = fused_weight_problem(tensors[key].float(), parts)
         if problem:
             bad.append(f"{key}: {problem}")
@@ -107,8 +107,9 @@ def hw3_fused_weights(ev: Evidence) -> Verdict:
 def onnx_outputs_test(name: str) -> Callable[[Evidence], Verdict]:
     def onnx_outputs(ev: Evidence) -> Verdict:
         from ..hw3 import check_hw3
-        path = str(ev.onnx_with_weights(f"onnx/{name}.onnx"))
-        check = check_hw3(path, ev.reference(), seed=ev.input_seed)["onnx_outputs"]
+        path = str(ev.with_weights(f"onnx/{name}.onnx"))
+        with strict_fp32():
+            check = check_hw3(path, ev.reference(), seed=ev.input_seed)["onnx_outputs"]
         return check.passed, check.message
     onnx_outputs.__doc__ = f"HW3: ONNX Runtime runs the fused {name} like the unfused reference (fresh inputs)."
     return onnx_outputs

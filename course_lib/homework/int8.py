@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from .evidence import Evidence, Verdict, contract_of, graph_io, onnx_graph
+from .evidence import Evidence, Verdict, contract_of, graph_io, onnx_graph, run_reference
 
 INT8_MIN_COSINE = 0.98                 # INT8 outputs against the fp32 reference
 INT8_MIN_SHARE = 0.5                   # of the Conv/MatMul/Gemm layers
@@ -63,7 +63,7 @@ def int8_outputs(ev: Evidence) -> Verdict:
     from ..compare import run_ort
     notes = []
     for name in _int8_files(ev):
-        path = ev.onnx_with_weights(name)
+        path = ev.with_weights(name)
         graph = onnx_graph(path)
         inputs, _ = graph_io(graph)
         model = "controlnet" if "hint" in inputs else "unet" if "control0" in inputs else None
@@ -72,9 +72,7 @@ def int8_outputs(ev: Evidence) -> Verdict:
         reference = ev.reference()
         contract = contract_of(ev, model, graph)
         feed = example_inputs(contract, ev.input_seed)
-        import torch
-        with torch.no_grad():
-            want = reference.positional(model)(*feed.values())
+        want = run_reference(reference, model, feed)
         got = run_ort(path, feed)
         worst = 1.0
         for out_name, ref in zip(contract.output_names, want):
