@@ -54,11 +54,13 @@ def export_cnsd(cnsd: torch.nn.Module, out_dir: str | Path, *, batch: int = 1, h
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is an existing file: expected a folder (it is created if missing)")
     table = contracts(cnsd.config, batch, height, width)
+    device = next(cnsd.parameters()).device
     results = {}
     for name in _models(models):
         contract = table[name]
+        feed = example_inputs(contract, seed=0, vocab_size=cnsd.config.clip.vocab_size)
         results[name] = export_onnx(
-            cnsd.positional(name), example_inputs(contract, seed=0, vocab_size=cnsd.config.clip.vocab_size),
+            cnsd.positional(name), {k: v.to(device) for k, v in feed.items()},
             out_dir / f"{name}.onnx", output_names=contract.output_names, opset=opset,
             dynamic_axes=dynamic_axes(contract, dynamic), progress=progress)
     return results
@@ -75,8 +77,10 @@ def check_exports(cnsd: torch.nn.Module, out_dir: str | Path, *, batch: int = 1,
     out_dir = Path(out_dir)
     table = contracts(cnsd.config, batch, height, width)
     tables = {}
+    device = next(cnsd.parameters()).device
     for name in _models(models):
         feed = example_inputs(table[name], seed=seed, vocab_size=cnsd.config.clip.vocab_size)
+        feed = {k: v.to(device) for k, v in feed.items()}
         tables[name] = check_onnx_against_torch(cnsd.positional(name), out_dir / f"{name}.onnx", feed,
                                                 rtol=rtol, atol=atol, providers=providers)
     return ComparisonTable.combine(tables, title=f"ONNX Runtime vs torch, batch {batch}, {height}x{width}")
