@@ -171,11 +171,8 @@ def _yolo_runner(args):
 
         session = ort_session(args.onnx)
         return "onnxruntime", lambda images: run_ort(session, {"images": images})["output0"]
-    import torch
-
     model = _yolo_model(args)
-    return "torch", lambda images: model(images).detach().numpy() if torch.is_inference_mode_enabled() \
-        else model(images).detach().numpy()
+    return "torch", lambda images: model(images).detach().numpy()
 
 
 def cmd_yolo(args) -> int:
