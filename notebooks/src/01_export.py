@@ -272,6 +272,25 @@ assert ex2.passed and ex2.rows[0].ref_shape == (2, 3, 128, 192)
 print("exercise 2: correct")
 
 # %% [markdown]
+# ## Hand it in (homework 1, the CPU half)
+#
+# Homework 1 hands in the four ONNX files (with their sidecars), the canny2image images on PyTorch and
+# ONNX Runtime, and on a GPU machine the TensorRT plans' sidecars (chapter 2) — for **your** seed: the
+# grader rebuilds the same tiny model from it and re-runs the parity checks on a CPU with fresh inputs.
+# This cell writes the evidence into `homework/hw1/` and runs the homework's tests as the grader will;
+# then, in a terminal: `python -m course_lib submit --hw 1 --student YOUR_ID --seed YOUR_SEED --out hw1.zip`.
+
+# %%
+from course_lib.submit import submit, write_hw1_evidence
+
+SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
+write_hw1_evidence(build_cnsd(tiny, seed=SEED), "homework", height=64, width=64, progress=False)
+dry_run = submit("1", STUDENT, SEED, out=None, progress=False)
+for check in dry_run.checks:
+    print(f"[{check.status}] {check.name}")
+print("ready to hand in:", dry_run.passed)
+
+# %% [markdown]
 # ## Self-check
 # What this chapter must leave behind: four ONNX files with the course's names, all parity rows green,
 # and a pipeline that gives the same image on ONNX Runtime as on PyTorch.
@@ -285,4 +304,5 @@ for name, (ins, outs) in expected_io.items():
     assert [i.name for i in graph.input] == ins and [o.name for o in graph.output] == outs, name
 assert table.passed and worst < 1e-4
 assert max_pixel_diff(image_torch, image_ort) <= 2 and latent_err < 1e-3
+assert dry_run.passed
 print("chapter 1 self-check passed")

@@ -508,21 +508,23 @@ print("exercise 3: correct ->", verdict["fused_weights"].message.split(": ", 1)[
 # %% [markdown]
 # ## Hand it in
 #
-# What homework 3 asks for: the fused ONNX files and the check results. The submit command arrives in
-# a later chapter; for now this cell writes the results as JSON and lists what would be submitted.
+# Homework 3 hands in the fused ONNX ControlNet and UNet, the fused weights (safetensors, no pickles)
+# and the check results, for **your** seed (your instructor issues one; the grader rebuilds the same
+# tiny model from it and re-checks everything on a CPU). The cell writes the evidence into
+# `homework/hw3/` and runs the homework's tests as the grader will; then, in a terminal:
+# `python -m course_lib submit --hw 3 --student YOUR_ID --seed YOUR_SEED --out hw3.zip`.
 
 # %%
-from dataclasses import asdict
+from course_lib.submit import submit, write_hw3_evidence
 
-hand_in = out / "hw3_checks.json"
-results = {"model": [asdict(c) for c in hw3_model.checks]}
-results.update({f"{name}.onnx": [asdict(c) for c in r.checks] for name, r in hw3_onnx.items()})
-hand_in.write_text(json.dumps(results, indent=1))
-artifacts = [exports["fused"][name].path for name in ("controlnet", "unet")] + [hand_in]
-print("would submit:")
-for path in artifacts:
-    print(f"  {path}")
-print("checks passed:", {subject: all(c["passed"] for c in checks) for subject, checks in results.items()})
+SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
+student_model = build_cnsd(tiny, seed=SEED)      # (sd15: your checkpoint-loaded model)
+print(fuse_qkv(student_model))
+write_hw3_evidence(student_model, "homework", height=64, width=64, progress=False)
+dry_run = submit("3", STUDENT, SEED, out=None, progress=False)
+for check in dry_run.checks:
+    print(f"[{check.status}] {check.name}")
+print("ready to hand in:", dry_run.passed)
 
 # %% [markdown]
 # ## Self-check
@@ -531,9 +533,10 @@ print("checks passed:", {subject: all(c["passed"] for c in checks) for subject, 
 
 # %%
 assert not naive_table.passed and fixed_table.passed and late_table.passed
+assert dry_run.passed
 assert all(found == expected for found, expected, _ in counts.values())
 assert counts["unet", "unfused"][2] - counts["unet", "fused"][2] == 2 * attention_layer_counts(tiny, "unet")[0] + \
     attention_layer_counts(tiny, "unet")[1]
 assert parity.passed and hw3_model.passed and all(r.passed for r in hw3_onnx.values())
-assert all(p.is_file() for p in artifacts)
+assert all((Path("homework") / "hw3" / name).is_file() for name in ("onnx/controlnet.onnx", "onnx/unet.onnx"))
 print("chapter 4 self-check passed")
