@@ -12,13 +12,7 @@ from course_lib.cnsd.pipeline import A_PROMPT, N_PROMPT, Canny2Image, StageTimin
 from course_lib.cnsd.tokenizer import get_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are too small for intra-op threads: on a busy 2-core CI box they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from course_lib.smoothquant import (activation_channel_max, outlier_ratio, plot_
                                     smooth_layernorm_linears, smooth_transformer_blocks, smoothing_scales)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is too small for intra-op threads: on a busy 2-core box they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
