@@ -4,10 +4,10 @@ Each homework chapter ends with a "Hand it in" cell; from a terminal::
 
     python -m course_lib submit --hw 1 --student alice --seed 1234 --out alice_hw1.zip
 
-The homework's files live in ``homework/<hw1|hw2|hw3|int8>/`` (see :data:`course_lib.homework.ARTIFACTS`
-for each file and the chapter cell that makes it; :func:`write_hw1_evidence` and :func:`write_hw3_evidence`
-write HW1's and HW3's). :func:`submit` runs the homework's tests here (the same tests the grader re-runs,
-see :mod:`course_lib.homework`), then writes one zip, atomically::
+The homework's files live in ``homework/<hw1|hw2|hw3|int8>/``: :mod:`course_lib.handin` writes them (see
+:data:`course_lib.homework.ARTIFACTS` for each file and the chapter cell that makes it). :func:`submit` runs
+the homework's tests here (the same tests the grader re-runs, see :mod:`course_lib.homework`), then writes
+one zip, atomically::
 
     manifest.json      homework, student, issued seed, config, time (UTC), course_lib / Python / torch / onnx /
                        onnxruntime / TensorRT versions, GPU name and driver, SHA-256 and size of every member
@@ -21,7 +21,6 @@ all; their structure is graded, their numbers are trusted from ``checks.json``.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import subprocess
@@ -30,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .homework import ARTIFACTS, FOLDERS, MODELS, Evidence, Outcome, derive_seed, homework_name, run_tests
+from .homework import ARTIFACTS, FOLDERS, Evidence, Outcome, derive_seed, homework_name, run_tests
 from .safezip import ALLOWED_SUFFIXES, ZipLimits, check_external_data, hash_files, write_zip
 
 FORMAT = "course_lib.submission/1"
@@ -120,101 +119,6 @@ def strip_weights(src: str | Path, dst: str | Path, min_bytes: int = 1024) -> No
             entry.key, entry.value = key, value
         tensor.data_location = onnx.TensorProto.EXTERNAL
     onnx.save_model(model, str(dst))
-
-
-# ------------------------------------------------------------------------------- writing the evidence
-
-def _atomic_json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64, width: int = 64, steps: int = 20,
-                       prompt: str = "a bird", seed: int = 2946901, photo=None, tokenizer=None,
-                       plan_dir: str | Path | None = None, export: bool = True, progress: bool = True) -> Path:
-    """Homework 1 (chapters 1-2): export ``model``'s four sub-models to ``work/hw1/onnx`` and run canny2image on
-    torch, ONNX Runtime and (with ``plan_dir``, on a GPU) TensorRT; writes the images, ``run.json`` and the
-    plans' sidecars (not the plans). ``photo`` defaults to the sample photo at ``height`` x ``width``.
-    ``export=False`` keeps the ONNX files already there (the ones the plans in ``plan_dir`` were built from).
-    Returns the homework folder.
-    """
-    from .backends import make_backends
-    from .cnsd.pipeline import Canny2Image
-    from .cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
-    from .samples import sample_photo, write_image
-
-    folder = Path(work) / FOLDERS["1"]
-    if export:
-        _export_on_cpu(model, folder / "onnx", height=height, width=width, progress=progress)
-    photo = sample_photo(size=(height, width)) if photo is None else photo
-    if tokenizer is None:
-        tokenizer = byte_level_tokenizer() if model.config.name == "tiny" else get_tokenizer()
-    settings = {"image_resolution": min(photo.shape[:2]), "ddim_steps": steps, "seed": seed, "scale": 9.0,
-                "strength": 1.0, "eta": 0.0, "low_threshold": 100, "high_threshold": 200}
-    torch_device = next(model.parameters()).device
-    for kind in ("torch", "ort") + (("trt",) if plan_dir is not None else ()):
-        device = torch_device if kind == "torch" else ("cuda" if kind == "trt" else "cpu")
-        backends = make_backends(kind, model, onnx_dir=folder / "onnx", plan_dir=plan_dir)
-        pipe = Canny2Image(backends, tokenizer, model.config, device=device, progress=progress)
-        write_image(folder / "images" / f"canny2image_{kind}.png", pipe.process(photo, prompt, **settings)[0])
-    write_image(folder / "images" / "input.png", photo)
-    if plan_dir is not None:
-        for name in MODELS:
-            sidecar = Path(plan_dir) / f"{name}.plan.json"
-            if not sidecar.is_file():
-                raise FileNotFoundError(f"{sidecar} is missing: build the plans with python -m course_lib build")
-            _atomic_json(folder / "plans" / sidecar.name, json.loads(sidecar.read_text()))
-    _atomic_json(folder / "run.json", {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]),
-                                       "width": int(photo.shape[1]), "tokenizer": "byte-level" if getattr(
-                                           tokenizer, "byte_level", False) else "clip"})
-    return folder
-
-
-def save_fused_weights(model, path: str | Path) -> Path:
-    """Homework 3 (chapter 4): to_q/to_k/to_v and the fused to_qkv / to_kv weight of every fused attention
-    layer, as safetensors (course names, e.g. ``unet.middle_block.1.transformer_blocks.0.attn1.to_qkv.weight``)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, layer in model.named_modules():
-        fused = next((f for f in ("to_qkv", "to_kv") if hasattr(layer, f)), None)
-        if fused is None:
-            continue
-        for part in ("to_q", "to_k", "to_v", fused):
-            tensors[f"{name}.{part}.weight"] = getattr(layer, part).weight.detach().float().cpu().contiguous().clone()
-    if not tensors:
-        raise ValueError("the model has no fused attention layers (to_qkv / to_kv): fuse it first (fuse_qkv)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def write_hw3_evidence(fused_model, work: str | Path = "homework", *, height: int = 64, width: int = 64,
-                       progress: bool = True) -> Path:
-    """Homework 3 (chapter 4): export the fused ControlNet and UNet to ``work/hw3/onnx`` and save their
-    attention weights (:func:`save_fused_weights`). Returns the homework folder."""
-    folder = Path(work) / FOLDERS["3"]
-    save_fused_weights(fused_model, folder / "fused_qkv.safetensors")
-    _export_on_cpu(fused_model, folder / "onnx", height=height, width=width, models=["controlnet", "unet"],
-                   progress=progress)
-    return folder
-
-
-def _export_on_cpu(model, out_dir: Path, **kwargs) -> None:
-    """export_cnsd feeds CPU example inputs: export from the CPU, then put the model back where it was."""
-    from .cnsd.export import export_cnsd
-
-    device = next(model.parameters()).device
-    try:
-        export_cnsd(model.cpu(), out_dir, **kwargs)
-    finally:
-        model.to(device)
 
 
 # ------------------------------------------------------------------------------------------ submitting

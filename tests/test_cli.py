@@ -239,7 +239,7 @@ def test_yolo_export_detect_check_and_build(tmp_path):
 
 def test_submit_and_grade_hw3(tmp_path, monkeypatch):
     from course_lib.cnsd.fusion import fuse_qkv
-    from course_lib.submit import write_hw3_evidence
+    from course_lib.handin import write_hw3_evidence
 
     monkeypatch.chdir(tmp_path)
     code, _, err = run_main(["submit", "--hw", "3", "--student", "alice", "--seed", "7", "--out", "subs/a.zip"])

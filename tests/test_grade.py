@@ -28,7 +28,8 @@ from course_lib.homework.hw1 import engines
 from course_lib.homework.int8 import int8_coverage, int8_outputs, int8_qdq_rules, int8_sidecar
 from course_lib.quantize import check_qdq
 from course_lib.safezip import ZipLimits
-from course_lib.submit import submit, write_hw1_evidence, write_hw3_evidence
+from course_lib.handin import write_hw1_evidence, write_hw3_evidence
+from course_lib.submit import submit
 from course_lib.trt.plan import PlanSidecar, write_sidecar
 
 SEED = 1234

@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 from course_lib.bench import summarize, write_json
 from course_lib.homework import MODELS, TESTS, homework_name
 from course_lib.safezip import ZipLimits, check_external_data, sha256_file
-from course_lib.submit import (FORMAT, collect, machine_info, sanitize_student_id, save_fused_weights, strip_weights,
-                               submit)
+from course_lib.handin import save_fused_weights
+from course_lib.submit import FORMAT, collect, machine_info, sanitize_student_id, strip_weights, submit
 from course_lib.trt.plan import PlanSidecar, write_sidecar
 
 GPU = {"name": "NVIDIA GeForce RTX 3060", "compute_capability": "86", "driver": "580.65"}
@@ -60,7 +60,7 @@ def test_homework_names():
 
 def test_a_missing_artifact_names_the_file_and_the_chapter_cell(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"hw1/onnx/clip.onnx is missing; it is made by chapter 1, "
-                                                r"cell 'Export the four models': export_cnsd"):
+                                                r"'Hand it in' cell: write_hw1_evidence"):
         collect("1", tmp_path)
     (tmp_path / "hw3").mkdir()
     for name in ("controlnet", "unet"):
@@ -70,7 +70,8 @@ def test_a_missing_artifact_names_the_file_and_the_chapter_cell(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"hw3/fused_qkv.safetensors is missing; it is made by chapter 4, "
                                                 r"'Hand it in' cell: write_hw3_evidence"):
         collect("3", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"hw2/hw2.json is missing; it is made by chapter 2, cell 'HW2'"):
+    with pytest.raises(FileNotFoundError, match=r"hw2/hw2.json is missing; it is made by chapter 2, "
+                                                r"'Hand it in' cell: hw2_sweep\(onnx_dir, sweep_dir\), then write_hw2_evidence"):
         collect("2", tmp_path)
 
 

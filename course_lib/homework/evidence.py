@@ -51,30 +51,29 @@ class Artifact:
     made_by: str
 
 
-_EXPORT = "chapter 1, cell 'Export the four models': export_cnsd(cnsd, 'homework/hw1/onnx', height=.., width=..)"
-_RUN = "chapter 1, 'Hand it in' cell: write_hw1_evidence(cnsd, 'homework', ...)"
+_RUN = "chapter 1, 'Hand it in' cell: write_hw1_evidence(build_cnsd(tiny, seed=SEED), 'homework')"
 _FUSED = "chapter 4, 'Hand it in' cell: write_hw3_evidence(fused_cnsd, 'homework', ...)"
+_SWEEP = ("chapter 2, 'Hand it in' cell: hw2_sweep(onnx_dir, sweep_dir), then write_hw2_evidence(sweep_dir, "
+          "'homework') on a GPU machine with TensorRT")
+_INT8 = "chapter 5, 'Hand it in' cell: write_int8_evidence(build_cnsd(tiny, seed=SEED), 'homework')"
 ARTIFACTS: dict[str, tuple[Artifact, ...]] = {
-    "1": tuple(Artifact(f"onnx/{m}.onnx{x}", True, _EXPORT) for m in MODELS for x in ("", ".json")) + (
+    "1": tuple(Artifact(f"onnx/{m}.onnx{x}", True, _RUN) for m in MODELS for x in ("", ".json")) + (
         Artifact("images/input.png", True, _RUN), Artifact("images/canny2image_torch.png", True, _RUN),
         Artifact("images/canny2image_ort.png", True, _RUN), Artifact("run.json", True, _RUN),
         Artifact("images/canny2image_trt.png", False, "chapter 2, 'Hand it in' cell: write_hw1_evidence(..., "
                                                        "plan_dir=...) on a GPU machine"),
-        Artifact("plans/*.plan.json", False, "chapter 2, cell 'Build the engines': build_plans(onnx_dir, "
-                                             "'homework/hw1/plans')")),
-    "2": (Artifact("hw2.json", True, "chapter 2, cell 'HW2': hw2_sweep(onnx_dir, 'homework/hw2')"),
-          Artifact("O*/*.plan.json", True, "chapter 2, cell 'HW2': hw2_sweep(onnx_dir, 'homework/hw2')"),
-          Artifact("*.png", False, "chapter 2, cell 'HW2': plot_hw2(records, 'homework/hw2/hw2.png')")),
+        Artifact("plans/*.plan.json", False, "chapter 2, 'Hand it in' cell: build_plans('homework/hw1/onnx', "
+                                             "plan_dir), then write_hw1_evidence(..., plan_dir=plan_dir)")),
+    "2": (Artifact("hw2.json", True, _SWEEP), Artifact("O*/*.plan.json", True, _SWEEP),
+          Artifact("*.png", False, _SWEEP)),
     "3": (Artifact("onnx/controlnet.onnx", True, _FUSED), Artifact("onnx/controlnet.onnx.json", True, _FUSED),
           Artifact("onnx/unet.onnx", True, _FUSED), Artifact("onnx/unet.onnx.json", True, _FUSED),
           Artifact("fused_qkv.safetensors", True, _FUSED),
-          Artifact("timing.json", False, "chapter 4, cell 'Timing': write_json('homework/hw3/timing.json', "
-                                         "dataclasses.asdict(time_attention(cnsd)))")),
-    "int8": (Artifact("controlnet.int8.onnx", True, "chapter 5, cell 'Quantize': quantize_int8(fp32_onnx, "
-                                                    "'homework/int8/controlnet.int8.onnx', reader)"),
-             Artifact("controlnet.int8.onnx.json", True, "chapter 5, cell 'Quantize' (quantize_int8's sidecar)"),
-             Artifact("unet.int8.onnx", False, "chapter 5, cell 'Quantize' (the UNet, optional)"),
-             Artifact("unet.int8.onnx.json", False, "chapter 5, cell 'Quantize' (the UNet's sidecar)")),
+          Artifact("timing.json", False, "chapter 4, 'Hand it in' cell: write_hw3_evidence(..., "
+                                         "timing=time_attention(fused_cnsd))")),
+    "int8": (Artifact("controlnet.int8.onnx", True, _INT8), Artifact("controlnet.int8.onnx.json", True, _INT8),
+             Artifact("unet.int8.onnx", False, _INT8 + " (the UNet is optional)"),
+             Artifact("unet.int8.onnx.json", False, _INT8 + " (the UNet is optional)")),
 }
 
 
