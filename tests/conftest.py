@@ -13,3 +13,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TEST_GPU = {"name": "NVIDIA GeForce RTX 3060", "compute_capability": "86", "driver": "580.65"}
+
+
+def _fake_hw2_sweep(folder, tensorrt="10.8.0.43", gpu=TEST_GPU["name"], graph_factor=0.8, n=12):
+    """What hw2_sweep writes into ``folder`` (records with raw samples, a plan sidecar per engine and level),
+    as test data: no TensorRT or GPU needed. The plans themselves are not written."""
+    from course_lib.bench import summarize, write_json
+    from course_lib.homework import MODELS
+    from course_lib.trt.plan import PlanSidecar, write_sidecar
+
+    records = []
+    for i, model in enumerate(MODELS):
+        for level in (0, 3, 5):
+            for graph in (False, True):
+                base = (10.0 + i) * (1.0 - 0.02 * level) * (graph_factor if graph else 1.0)
+                raw = [base + 0.05 * ((k * 7) % 5) for k in range(n)]
+                records.append({"model": model, "opt_level": level, "cuda_graph": graph, "build_s": 3.0,
+                                "plan_mib": 12.0, "latency": summarize(raw)})
+            write_sidecar(folder / f"O{level}" / f"{model}.plan", PlanSidecar(
+                plan=f"{model}.plan", tensorrt=tensorrt, gpu=gpu, compute_capability="86",
+                profiles=[], precision="as in the ONNX (fp16)", builder_optimization_level=level, workspace_gib=10.0,
+                strongly_typed=True, build_seconds=3.0, built_at="2025-01-01T00:00:00", onnx_path=f"onnx/{model}.onnx",
+                onnx_sha256="0" * 64))
+    write_json(folder / "hw2.json", records)
+    return folder
+
+
+@pytest.fixture
+def fake_hw2_sweep():
+    """A function writing hw2_sweep's output into a folder (see :func:`_fake_hw2_sweep`); returns the folder."""
+    return _fake_hw2_sweep

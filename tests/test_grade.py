@@ -19,16 +19,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from course_lib.bench import summarize, write_json
+from course_lib.bench import write_json
 from course_lib.cnsd import build_cnsd, get_config
-from course_lib.cnsd.fusion import FusedAttention, build_fused_in_init, fuse_qkv
+from course_lib.cnsd.fusion import FusedAttention, build_fused_in_init, fuse_qkv, time_attention
 from course_lib.grade import CSV_COLUMNS, grade_folder, grade_submission, read_roster, score_test
 from course_lib.homework import MODELS, TESTS, Evidence, NotRecheckable, Outcome, fused_weight_problem, run_tests
 from course_lib.homework.hw1 import engines
 from course_lib.homework.int8 import int8_coverage, int8_outputs, int8_qdq_rules, int8_sidecar
 from course_lib.quantize import check_qdq
 from course_lib.safezip import ZipLimits
-from course_lib.handin import write_hw1_evidence, write_hw3_evidence
+from course_lib.handin import write_hw1_evidence, write_hw3_evidence, write_int8_evidence
 from course_lib.submit import submit
 from course_lib.trt.plan import PlanSidecar, write_sidecar
 
@@ -62,8 +62,12 @@ def graded(tmp_path_factory):
     write_hw1_evidence(reference, base / "alice", height=64, width=64, steps=2, progress=False)
     submit("1", "alice", SEED, work=base / "alice", out=subs / "alice_hw1.zip", progress=False)
     for student, model in hw3_models(reference).items():
-        write_hw3_evidence(model, base / student, height=64, width=64, progress=False)
+        timing = time_attention(model, height=64, width=64, repeats=3) if student == "bea" else None
+        write_hw3_evidence(model, base / student, height=64, width=64, timing=timing, progress=False)
         submit("3", student, SEED, work=base / student, out=subs / f"{student}_hw3.zip", progress=False)
+    for student, model in (("erin", reference), ("fay", build_cnsd(TINY, seed=SEED + 1))):   # fay: another seed's model
+        write_int8_evidence(model, base / student, models=["controlnet"], progress=False)
+        submit("int8", student, SEED, work=base / student, out=subs / f"{student}_int8.zip", progress=False)
     results = grade_folder(subs, base / "results", progress=False)
     return base, {r["extra_data"]["student"]: r for r in results}
 
@@ -88,7 +92,22 @@ def test_hw1_made_on_cpu_gets_full_marks(graded):
 @pytest.mark.slow
 def test_hw3_right_fusion_gets_full_marks(graded):
     r = graded[1]["bea"]
-    assert r["score"] == r["max_score"] == 13.0 and not lost(r), json.dumps(r, indent=1)
+    assert r["score"] == r["max_score"] == 14.0 and not lost(r), json.dumps(r, indent=1)   # 13 + timing.json
+    timing = next(t for t in r["tests"] if t["name"] == "hw3_timing")
+    assert timing["tags"] == ["consistency"] and "(medians of raw samples)" in timing["output"]
+
+
+@pytest.mark.slow
+def test_int8_made_on_cpu_gets_full_marks_and_another_seeds_model_fails_the_outputs(graded):
+    erin, fay = graded[1]["erin"], graded[1]["fay"]
+    assert erin["score"] == erin["max_score"] == 10.0 and not lost(erin), json.dumps(erin, indent=1)
+    assert lost(fay) == {"int8_outputs"}                 # well-formed INT8, but not of the issued seed's model
+    outputs = next(t for t in fay["tests"] if t["name"] == "int8_outputs")
+    assert "worst output cosine similarity" in outputs["output"] and outputs["visibility"] == "hidden"
+    for student in ("erin", "fay"):                        # the fp32 exports and calibration data were scratch
+        assert sorted(p.name for p in (graded[0] / student).iterdir()) == ["int8"]
+        assert sorted(p.name for p in (graded[0] / student / "int8").iterdir()) == ["controlnet.int8.onnx",
+                                                                                   "controlnet.int8.onnx.json"]
 
 
 @pytest.mark.slow
@@ -123,10 +142,12 @@ def test_results_json_and_summary_csv(graded):
             assert isinstance(t["score"], float) and isinstance(t["output"], str) and 0 <= t["score"] <= t["max_score"]
     with open(base / "results" / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == CSV_COLUMNS and [r["student"] for r in rows] == ["alice", "bea", "carl", "dana"]
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [r["student"] for r in rows] == ["alice", "bea", "carl", "dana", "erin", "fay"]
     carl = rows[2]
     assert carl["status"] == "graded" and carl["percent"] == "46.2" and set(carl["failed"].split(";")) == HW3_CATCHERS
-    assert sorted(p.name for p in (base / "results").iterdir()) == ["alice", "bea", "carl", "dana", "summary.csv"]
+    assert sorted(p.name for p in (base / "results").iterdir()) == ["alice", "bea", "carl", "dana", "erin", "fay",
+                                                                      "summary.csv"]
 
 
 @pytest.mark.slow
@@ -149,35 +170,23 @@ def test_engines_evidence_is_checked_for_consistency(graded, tmp_path):
 
 # --- HW2: timings checked for consistency (test data, no GPU needed) ------------------------------------------
 
-def write_hw2(work, graph_factor=0.8, n=12, tensorrt="10.8.0.43"):
-    folder = work / "hw2"
-    records = []
-    for i, model in enumerate(MODELS):
-        for level in (0, 3, 5):
-            for graph in (False, True):
-                raw = [(10.0 + i) * (graph_factor if graph else 1.0) + 0.05 * ((k * 7) % 5) for k in range(n)]
-                records.append({"model": model, "opt_level": level, "cuda_graph": graph, "build_s": 3.0,
-                                "plan_mib": 12.0, "latency": summarize(raw)})
-            write_sidecar(folder / f"O{level}" / f"{model}.plan", PlanSidecar(
-                f"{model}.plan", tensorrt, GPU["name"], "86", [], "as in the ONNX (fp16)", level, 10.0, True, 3.0,
-                "2025-01-01T00:00:00", f"onnx/{model}.onnx", "0" * 64))
-    write_json(folder / "hw2.json", records)
-    return folder
 
 
 def failures(ev) -> set[str]:
     return {o.name for o in run_tests(ev) if o.status != "passed"}
 
 
-def test_hw2_consistency_checks(tmp_path):
-    folder = write_hw2(tmp_path / "ok")
+def test_hw2_consistency_checks(tmp_path, fake_hw2_sweep):
+    folder = fake_hw2_sweep(tmp_path / "ok" / "hw2")
     assert failures(Evidence("2", folder, 7, machine=GPU_MACHINE)) == set()
     assert failures(Evidence("2", folder, 7, machine={**GPU_MACHINE, "gpu": {}})) == {"manifest_versions", "hw2_plans"}
-    slow_graph = Evidence("2", write_hw2(tmp_path / "slow", graph_factor=1.3), 7, machine=GPU_MACHINE)
+    slow_graph = Evidence("2", fake_hw2_sweep(tmp_path / "slow" / "hw2", graph_factor=1.3), 7, machine=GPU_MACHINE)
     outcome = {o.name: o for o in run_tests(slow_graph)}["hw2_graph_ordering"]
     assert outcome.status == "failed" and "a CUDA graph made 12 engine(s) slower" in outcome.output
-    assert failures(Evidence("2", write_hw2(tmp_path / "few", n=5), 7, machine=GPU_MACHINE)) == {"hw2_raw_samples"}
-    assert failures(Evidence("2", write_hw2(tmp_path / "trt", tensorrt="10.0"), 7, machine=GPU_MACHINE)) == {"hw2_plans"}
+    few_samples = fake_hw2_sweep(tmp_path / "few" / "hw2", n=5)
+    assert failures(Evidence("2", few_samples, 7, machine=GPU_MACHINE)) == {"hw2_raw_samples"}
+    other_tensorrt = fake_hw2_sweep(tmp_path / "trt" / "hw2", tensorrt="10.0")
+    assert failures(Evidence("2", other_tensorrt, 7, machine=GPU_MACHINE)) == {"hw2_plans"}
     records = json.loads((folder / "hw2.json").read_text())
     records[5]["latency"]["median"] *= 0.5                                   # a "better" median, same raw samples
     write_json(folder / "hw2.json", records)
@@ -211,8 +220,8 @@ def tree(folder):
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
 
 
-def test_unsafe_or_tampered_zips_are_refused_and_nothing_is_written_outside_results(tmp_path):
-    write_hw2(tmp_path / "work")
+def test_unsafe_or_tampered_zips_are_refused_and_nothing_is_written_outside_results(tmp_path, fake_hw2_sweep):
+    fake_hw2_sweep(tmp_path / "work" / "hw2")
     subs = tmp_path / "subs"
     good = submit("2", "bob", 42, work=tmp_path / "work", out=tmp_path / "bob_hw2.zip", progress=False).path
     subs.mkdir()

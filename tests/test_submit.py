@@ -14,34 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from course_lib.bench import summarize, write_json
-from course_lib.homework import MODELS, TESTS, homework_name
-from course_lib.safezip import ZipLimits, check_external_data, sha256_file
 from course_lib.handin import save_fused_weights
+from course_lib.homework import TESTS, homework_name
+from course_lib.safezip import ZipLimits, check_external_data, sha256_file
 from course_lib.submit import FORMAT, collect, machine_info, sanitize_student_id, strip_weights, submit
-from course_lib.trt.plan import PlanSidecar, write_sidecar
-
-GPU = {"name": "NVIDIA GeForce RTX 3060", "compute_capability": "86", "driver": "580.65"}
-
-
-def write_hw2(work, tensorrt="10.8.0.43", gpu=GPU["name"], graph_factor=0.8, n=12):
-    """hw2_sweep's output as test data: records with raw samples and a plan sidecar per engine and level."""
-    folder = work / "hw2"
-    records = []
-    for i, model in enumerate(MODELS):
-        for level in (0, 3, 5):
-            for graph in (False, True):
-                base = (10.0 + i) * (1.0 - 0.02 * level) * (graph_factor if graph else 1.0)
-                raw = [base + 0.05 * ((k * 7) % 5) for k in range(n)]
-                records.append({"model": model, "opt_level": level, "cuda_graph": graph, "build_s": 3.0,
-                                "plan_mib": 12.0, "latency": summarize(raw)})
-            write_sidecar(folder / f"O{level}" / f"{model}.plan", PlanSidecar(
-                plan=f"{model}.plan", tensorrt=tensorrt, gpu=gpu, compute_capability="86",
-                profiles=[], precision="as in the ONNX (fp16)", builder_optimization_level=level, workspace_gib=10.0,
-                strongly_typed=True, build_seconds=3.0, built_at="2025-01-01T00:00:00", onnx_path=f"onnx/{model}.onnx",
-                onnx_sha256="0" * 64))
-    write_json(folder / "hw2.json", records)
-    return folder
 
 
 def test_student_ids():
@@ -75,8 +51,8 @@ def test_a_missing_artifact_names_the_file_and_the_chapter_cell(tmp_path):
         collect("2", tmp_path)
 
 
-def test_collect_takes_only_the_homework_files(tmp_path):
-    folder = write_hw2(tmp_path)
+def test_collect_takes_only_the_homework_files(tmp_path, fake_hw2_sweep):
+    folder = fake_hw2_sweep(tmp_path / "hw2")
     (folder / "O3" / "unet.plan").write_bytes(b"engine")                 # plans never go in
     (folder / "notes.pt").write_bytes(b"\x80\x04N.")                     # nor anything else
     names = collect("2", tmp_path)
@@ -114,8 +90,8 @@ def test_machine_info_names_the_versions():
     assert info["versions"]["onnx"] == onnx.__version__ and isinstance(info["gpu"], dict) and info["platform"]
 
 
-def test_submit_writes_one_zip_with_a_manifest_of_every_file(tmp_path):
-    folder = write_hw2(tmp_path / "homework")
+def test_submit_writes_one_zip_with_a_manifest_of_every_file(tmp_path, fake_hw2_sweep):
+    folder = fake_hw2_sweep(tmp_path / "homework" / "hw2")
     (folder / "O0" / "clip.plan").write_bytes(b"engine")
     out = tmp_path / "out" / "bob_hw2.zip"
     sub = submit(2, "bob", 42, work=tmp_path / "homework", out=out, progress=False)
@@ -142,8 +118,8 @@ def test_submit_writes_one_zip_with_a_manifest_of_every_file(tmp_path):
     assert text.startswith("homework 2, student bob, seed 42: ") and "hw2.json" in text and "[PASSED] hw2_summaries" in text
 
 
-def test_dry_run_writes_nothing_and_bad_arguments_are_one_line_errors(tmp_path):
-    write_hw2(tmp_path)
+def test_dry_run_writes_nothing_and_bad_arguments_are_one_line_errors(tmp_path, fake_hw2_sweep):
+    fake_hw2_sweep(tmp_path / "hw2")
     before = sorted(p.name for p in tmp_path.rglob("*"))
     sub = submit("2", "bob", 1, work=tmp_path, out=None, progress=False)
     assert sub.path is None and "not written (dry run)" in str(sub) and len(sub.files) == 13
