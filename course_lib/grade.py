@@ -284,6 +284,7 @@ def grade_folder(submissions: str | Path, out_dir: str | Path, *, progress: bool
         raise FileNotFoundError(f"{submissions}: no .zip files in it")
     if out_dir.resolve() == submissions.resolve() or submissions.resolve() in out_dir.resolve().parents:
         raise ValueError(f"--out {out_dir}: expected a folder outside the submissions folder")
+    check_points(options.get("points"))                 # a bad --points file is one error, before any grading
     taken: set[str] = set()
     all_results = [grade_submission(z, out_dir, _taken=taken, **options)
                    for z in tqdm(zips, desc="grading", unit="zip", disable=not progress)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,33 @@ def test_submit_and_grade_hw3(tmp_path, monkeypatch):
     code, out, _ = run_main(["grade", "subs", "--out", "results"])
     score, total = out.split("hw 3:")[1].split("(")[0].split("/")
     assert code == 0 and float(score) == float(total) > 0 and (tmp_path / "results" / "summary.csv").is_file()
+
+
+def test_submit_and_grade_options(tmp_path, monkeypatch, fake_hw2_sweep):
+    monkeypatch.chdir(tmp_path)
+    fake_hw2_sweep(tmp_path / "homework" / "hw2")
+    base = ["submit", "--hw", "2", "--student", "bob", "--seed", "3", "--quiet"]
+    code, out, _ = run_main(base + ["--out", "subs/bob.zip"])
+    assert code == 1 and "[FAILED] hw2_plans" in out          # no TensorRT here: the sidecars' version disagrees
+    assert (tmp_path / "subs" / "bob.zip").is_file()
+    code, _, err = run_main(base + ["--max-file-mb", "0.0001", "--out", "subs/small.zip"])
+    assert code == EXIT_USAGE and "over the grader's limits" in err and not (tmp_path / "subs" / "small.zip").exists()
+    for args, message in ((["--checkpoint", "x.pth"], "a checkpoint goes with --config sd15"),
+                          (["--hw", "3", "--config", "sd15"], "give --checkpoint control_sd15_canny.pth"),
+                          (["--max-members", "0"], "--max-members 0: expected a number > 0")):
+        code, _, err = run_main(base + args)
+        assert code == EXIT_USAGE and message in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "points.json").write_text('{"hw2_records": 10}')
+    code, out, _ = run_main(["grade", "subs", "--out", "results", "--points", "points.json", "--keep", "--quiet"])
+    results = json.loads((tmp_path / "results" / "bob" / "results.json").read_text())
+    assert code == 0 and results["max_score"] == 20.0 and "bob                  hw 2:" in out
+    assert (tmp_path / "results" / "bob" / "files" / "artifacts" / "hw2.json").is_file()   # --keep
+    code, _, err = run_main(["grade", "subs", "--out", "r2", "--max-members", "3", "--quiet"])
+    refused = json.loads((tmp_path / "r2" / "bob" / "results.json").read_text())
+    assert code == 0 and refused["extra_data"]["refused"] and "members" in refused["output"]
+    for points, message in (('{"hw2_records": -1}', "hw2_records = -1, expected a number >= 0"),
+                            ('[1, 2]', "expected a JSON object"), ("{oops", "not JSON"),
+                            ('{"no_such_test": 1}', "no test named 'no_such_test'")):
+        (tmp_path / "points.json").write_text(points)
+        code, _, err = run_main(["grade", "subs", "--out", "r3", "--points", "points.json"])
+        assert code == EXIT_USAGE and message in err and len(err.strip().splitlines()) == 1, err
