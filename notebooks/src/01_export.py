@@ -281,7 +281,8 @@ print("exercise 2: correct")
 # then, in a terminal: `python -m course_lib submit --hw 1 --student YOUR_ID --seed YOUR_SEED --out hw1.zip`.
 
 # %%
-from course_lib.submit import submit, write_hw1_evidence
+from course_lib.handin import write_hw1_evidence
+from course_lib.submit import submit
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
 write_hw1_evidence(build_cnsd(tiny, seed=SEED), "homework", height=64, width=64, progress=False)

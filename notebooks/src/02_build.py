@@ -480,6 +480,37 @@ print("records (4 engines x 3 levels x graph off/on):", len(records) == 24,
       "| results saved:", (out / "hw2" / "hw2.json").is_file())
 
 # %% [markdown]
+# ## Hand it in (homework 1, the GPU half, and homework 2)
+#
+# Homework 1's GPU half: engines built from **your** ONNX files (`homework/hw1/onnx`, which chapter 1's
+# "Hand it in" cell exported for your seed), the pipeline's image on them, and the plans' sidecars.
+# Homework 2: the sweep above — `hw2.json` with every raw sample, and the sidecar of each plan it timed.
+# Plans themselves are never handed in: a plan only runs with the TensorRT version and GPU that built it,
+# and the grader has neither; the sidecar says which (and the SHA-256 of the ONNX file it came from).
+# The cell then runs both homeworks' tests as the grader will; afterwards, in a terminal:
+# `python -m course_lib submit --hw 1 --student YOUR_ID --seed YOUR_SEED --out hw1.zip` (and `--hw 2`).
+
+# %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+from course_lib.handin import write_hw1_evidence, write_hw2_evidence
+from course_lib.submit import submit
+from course_lib.trt import build_plans
+
+SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
+build_plans(Path("homework/hw1/onnx"), out / "hw1_plans", profile="static", batch=1, height=64, width=64,
+            opt_level=3, timing_cache=out / "timing.cache", workspace_gib=2, progress=False)
+write_hw1_evidence(build_cnsd(tiny, seed=SEED), "homework", height=64, width=64, plan_dir=out / "hw1_plans",
+                   export=False, progress=False)
+write_hw2_evidence(out / "hw2", "homework")
+hand_in = {hw: submit(hw, STUDENT, SEED, out=None, progress=False) for hw in ("1", "2")}
+for hw, dry_run in hand_in.items():
+    print(f"homework {hw}:")
+    for check in dry_run.checks:
+        print(f"  [{check.status}] {check.name}: {check.output}")
+
+# %% tags=["requires-gpu", "requires-tensorrt"]
+print("homework 1 and 2 ready to hand in:", all(dry_run.passed for dry_run in hand_in.values()))
+
+# %% [markdown]
 # ## Exercises
 #
 # **1.** Chapter 3 runs cond and uncond as one batch of 2. Make a profile for the *dynamic* ControlNet

@@ -508,19 +508,22 @@ print("exercise 3: correct ->", verdict["fused_weights"].message.split(": ", 1)[
 # %% [markdown]
 # ## Hand it in
 #
-# Homework 3 hands in the fused ONNX ControlNet and UNet, the fused weights (safetensors, no pickles)
-# and the check results, for **your** seed (your instructor issues one; the grader rebuilds the same
-# tiny model from it and re-checks everything on a CPU). The cell writes the evidence into
-# `homework/hw3/` and runs the homework's tests as the grader will; then, in a terminal:
+# Homework 3 hands in the fused ONNX ControlNet and UNet, the fused weights (safetensors, no pickles),
+# a fused/unfused timing with its raw samples, and the check results, for **your** seed (your instructor
+# issues one; the grader rebuilds the same tiny model from it and re-checks everything it can on a CPU;
+# the timing it can only check for consistency). The cell writes the evidence into `homework/hw3/` and
+# runs the homework's tests as the grader will; then, in a terminal:
 # `python -m course_lib submit --hw 3 --student YOUR_ID --seed YOUR_SEED --out hw3.zip`.
 
 # %%
-from course_lib.submit import submit, write_hw3_evidence
+from course_lib.handin import write_hw3_evidence
+from course_lib.submit import submit
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
 student_model = build_cnsd(tiny, seed=SEED)      # (sd15: your checkpoint-loaded model)
 print(fuse_qkv(student_model))
-write_hw3_evidence(student_model, "homework", height=64, width=64, progress=False)
+student_timing = time_attention(student_model, "controlnet", height=64, width=64, repeats=3)
+write_hw3_evidence(student_model, "homework", height=64, width=64, timing=student_timing, progress=False)
 dry_run = submit("3", STUDENT, SEED, out=None, progress=False)
 for check in dry_run.checks:
     print(f"[{check.status}] {check.name}")

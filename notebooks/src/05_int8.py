@@ -411,10 +411,33 @@ assert len(unet_groups["attention"]) % 2 == 0          # two matmuls per attenti
 print("exercise 3: correct")
 
 # %% [markdown]
+# ## Hand it in (the INT8 homework)
+#
+# The INT8 homework hands in the Q/DQ ControlNet and UNet of **your** seed's model, made by this
+# chapter's recipe (fp32 export, calibration recorded from the pipeline, `quantize_int8` with the time
+# embedding and the first/last convs kept float), with their sidecars. The grader rebuilds the fp32 model
+# from your seed and re-checks on a CPU: TensorRT's Q/DQ rules, how much of each model is INT8, and the
+# INT8 outputs against fp32 on fresh inputs (cosine ≥ 0.98). The cell writes `homework/int8/` and runs
+# those tests here; then, in a terminal:
+# `python -m course_lib submit --hw int8 --student YOUR_ID --seed YOUR_SEED --out int8.zip`.
+
+# %%
+from course_lib.handin import write_int8_evidence
+from course_lib.submit import submit
+
+SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
+write_int8_evidence(build_cnsd(tiny, seed=SEED), "homework", height=SIZE, width=SIZE, steps=STEPS, progress=False)
+dry_run = submit("int8", STUDENT, SEED, out=None, progress=False)
+for check in dry_run.checks:
+    print(f"[{check.status}] {check.name}")
+print("ready to hand in:", dry_run.passed)
+
+# %% [markdown]
 # ## Self-check
 # What this chapter must leave behind: calibration data recorded from the pipeline (runs × steps × 2
 # calls per model), INT8 ControlNet and UNet files that pass TensorRT's Q/DQ rules while a uint8 one
-# fails them, accuracy measured on held-out data, and SmoothQuant keeping the function.
+# fails them, accuracy measured on held-out data, SmoothQuant keeping the function, and the INT8
+# homework's checks passing for your seed.
 
 # %%
 assert all(len(calib.samples(n)) == len(photos) * STEPS * 2 for n in ("controlnet", "unet"))
@@ -423,4 +446,5 @@ assert not asym_report.passed
 assert all(np.isfinite(r.max_abs) and r.cosine > 0.95 for r in rows)
 assert agreement.psnr_db > 20 and agreement.max_pixel_diff > 0
 assert diff < 1e-4 and outlier_ratio(after[layer]) < outlier_ratio(before[layer])
+assert dry_run.passed
 print("chapter 5 self-check passed")
