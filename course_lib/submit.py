@@ -194,6 +194,9 @@ def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", ou
             raise ValueError(f"homework {hw}: {total / 2**20:.0f} MB of files, over the grader's limits "
                              f"({limits.max_total_mb:g} MB in all, {limits.max_file_mb:g} MB per file): hand in "
                              "the tiny preset's files, or ask your instructor")
+        if len(sizes) + 2 > limits.max_members:                      # + manifest.json and checks.json
+            raise ValueError(f"homework {hw}: {len(sizes) + 2} files in the zip, over the grader's limit of "
+                             f"{limits.max_members}: remove stray files from {root}, or ask your instructor")
         ev = Evidence(hw, root, seed, config, machine, input_seed=derive_seed(seed, "student"),
                       reference_model=reference)
         checks = run_tests(ev, progress=progress)

@@ -264,6 +264,8 @@ def test_submit_and_grade_options(tmp_path, monkeypatch, fake_hw2_sweep):
     assert (tmp_path / "subs" / "bob.zip").is_file()
     code, _, err = run_main(base + ["--max-file-mb", "0.0001", "--out", "subs/small.zip"])
     assert code == EXIT_USAGE and "over the grader's limits" in err and not (tmp_path / "subs" / "small.zip").exists()
+    code, _, err = run_main(base + ["--max-members", "10", "--out", "subs/many.zip"])
+    assert code == EXIT_USAGE and "15 files in the zip, over the grader's limit of 10" in err
     for args, message in ((["--checkpoint", "x.pth"], "a checkpoint goes with --config sd15"),
                           (["--hw", "3", "--config", "sd15"], "give --checkpoint control_sd15_canny.pth"),
                           (["--max-members", "0"], "--max-members 0: expected a number > 0")):
