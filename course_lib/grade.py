@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .homework import HOMEWORKS, TESTS, Evidence, derive_seed, run_tests
+from .homework import FOLDERS, HOMEWORKS, TESTS, Evidence, derive_seed, run_tests
 from .safezip import (UnsafeSubmission, ZipLimits, check_external_data, check_file_types, safe_extract,
                       sha256_file, verify_hashes)
 from .submit import FORMAT, sanitize_student_id
@@ -137,7 +137,7 @@ def score_test(spec, outcome, claim: dict | None, points: float, require_gpu: bo
 def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mapping[str, int] | None = None,
                      salt: str = "", limits: ZipLimits = ZipLimits(), points: Mapping[str, float] | None = None,
                      require_gpu: bool = False, keep: bool = False, progress: bool = False,
-                     _taken: set[str] | None = None) -> dict:
+                     _taken: dict[str, str | None] | None = None) -> dict:
     """Homework grading: grade one submission zip; writes ``out_dir/<student>/results.json`` and returns it.
 
     Args:
@@ -158,12 +158,15 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
         results = _grade(zip_path, unpacked, roster, salt, limits, points, require_gpu, progress)
         x = results["extra_data"]
         name = _folder_name({"student": x["student"]}, zip_path)
-        if _taken is not None:
+        if _taken is not None:                      # {folder: homework} of the zips graded before, this run
+            hw = x.get("homework")
+            if name in _taken and _taken[name] != hw and hw in FOLDERS:
+                name = f"{name}~{FOLDERS[hw]}"      # the same student's other homework
             if name in _taken:
                 x["flags"].append(f"another zip of {name} was graded first: "
                                   f"these results are in {name}~{zip_path.stem}")
                 name = f"{name}~{_folder_name(None, zip_path)}"
-            _taken.add(name)
+            _taken[name] = hw
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         x["results"] = str(folder / "results.json")
@@ -271,8 +274,9 @@ def write_summary(rows: list[dict], path: str | Path) -> Path:
 def grade_folder(submissions: str | Path, out_dir: str | Path, *, progress: bool = True, **options) -> list[dict]:
     """Homework grading: grade every ``*.zip`` in ``submissions`` (sorted), write ``out_dir/summary.csv``.
 
-    ``options`` are :func:`grade_submission`'s (roster, salt, limits, points, require_gpu, keep). A second
-    zip of one student gets the folder ``<student>~<zip name>`` (and a flag). Returns the results, in order.
+    ``options`` are :func:`grade_submission`'s (roster, salt, limits, points, require_gpu, keep). A student's
+    other homework graded in the same run gets the folder ``<student>~<hw1|hw2|hw3|int8>``; a second zip of
+    the same homework ``<student>~<zip name>``, and a flag. Returns the results, in order.
     """
     from tqdm import tqdm
 
@@ -285,7 +289,7 @@ def grade_folder(submissions: str | Path, out_dir: str | Path, *, progress: bool
     if out_dir.resolve() == submissions.resolve() or submissions.resolve() in out_dir.resolve().parents:
         raise ValueError(f"--out {out_dir}: expected a folder outside the submissions folder")
     check_points(options.get("points"))                 # a bad --points file is one error, before any grading
-    taken: set[str] = set()
+    taken: dict[str, str | None] = {}
     all_results = [grade_submission(z, out_dir, _taken=taken, **options)
                    for z in tqdm(zips, desc="grading", unit="zip", disable=not progress)]
     write_summary([summary_row(r) for r in all_results], out_dir / "summary.csv")

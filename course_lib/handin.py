@@ -183,14 +183,15 @@ def write_int8_evidence(model, work: str | Path = "homework", *, height: int = 6
                         models: Sequence[str] = ("controlnet", "unet"), photos: Sequence | None = None,
                         prompts: Sequence[str] = ("a bird", "a bird on a branch"), seeds: Sequence[int] = (1, 2),
                         keep_float: Sequence[str] = ("time_embed", "first_last_conv"), method: str = "ort",
-                        progress: bool = True) -> Path:
+                        tokenizer=None, progress: bool = True) -> Path:
     """Homework INT8 (chapter 5): chapter 5's recipe on ``model`` (your seed's): export ``models`` in fp32,
     record calibration data from one canny2image run per photo (``steps`` DDIM steps), and write
     ``work/int8/<name>.int8.onnx`` with its sidecar (:func:`~course_lib.quantize.quantize_int8`), keeping the
     ``keep_float`` groups of :func:`~course_lib.quantize.sensitive_nodes` in float.
 
-    ``photos`` default to the sample photo and its mirror image at ``height`` x ``width``. The fp32 files and
-    the calibration data are scratch, removed at the end. Returns the homework folder.
+    ``photos`` default to the sample photo and its mirror image at ``height`` x ``width``; ``tokenizer`` to the
+    byte-level one for tiny, CLIP's for sd15. The fp32 files and the calibration data are scratch, removed
+    at the end. Returns the homework folder.
     """
     from .calibration import capture_calibration
     from .cnsd.pipeline import Canny2Image
@@ -212,7 +213,8 @@ def write_int8_evidence(model, work: str | Path = "homework", *, height: int = 6
         exports = _export_on_cpu(model, Path(scratch) / "fp32", height=height, width=width, models=list(models),
                                  progress=progress)
         device = next(model.parameters()).device
-        pipe = Canny2Image.from_torch(model, _tokenizer_for(model), device=device, progress=False)
+        tokenizer = _tokenizer_for(model) if tokenizer is None else tokenizer
+        pipe = Canny2Image.from_torch(model, tokenizer, device=device, progress=False)
         calib = capture_calibration(pipe, photos, prompts, Path(scratch) / "calib", seeds=seeds, models=list(models),
                                     image_resolution=min(height, width), ddim_steps=steps, progress=progress)
         for name in models:

@@ -42,7 +42,7 @@ def _fake_hw2_sweep(folder, tensorrt="10.8.0.43", gpu=TEST_GPU["name"], graph_fa
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fake_hw2_sweep():
     """A function writing hw2_sweep's output into a folder (see :func:`_fake_hw2_sweep`); returns the folder."""
     return _fake_hw2_sweep

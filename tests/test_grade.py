@@ -12,6 +12,7 @@ import json
 import shutil
 import stat
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -55,7 +56,7 @@ def hw3_models(reference) -> dict:
 
 
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory):
+def graded(tmp_path_factory, fake_hw2_sweep):
     base = tmp_path_factory.mktemp("grading")
     reference = build_cnsd(TINY, seed=SEED)
     subs = base / "submissions"
@@ -68,8 +69,14 @@ def graded(tmp_path_factory):
     for student, model in (("erin", reference), ("fay", build_cnsd(TINY, seed=SEED + 1))):   # fay: another seed's model
         write_int8_evidence(model, base / student, models=["controlnet"], progress=False)
         submit("int8", student, SEED, work=base / student, out=subs / f"{student}_int8.zip", progress=False)
+    fake_hw2_sweep(base / "alice" / "hw2")                # alice's second homework, handed in twice
+    submit("2", "alice", SEED, work=base / "alice", out=subs / "alice_hw2.zip", progress=False)
+    shutil.copyfile(subs / "alice_hw2.zip", subs / "alice_hw2_again.zip")
     results = grade_folder(subs, base / "results", progress=False)
-    return base, {r["extra_data"]["student"]: r for r in results}
+    first = {}
+    for r in results:                                     # each student's first zip (sorted by name)
+        first.setdefault(r["extra_data"]["student"], r)
+    return base, first, results
 
 
 def lost(results) -> set[str]:
@@ -78,8 +85,7 @@ def lost(results) -> set[str]:
 
 @pytest.mark.slow
 def test_hw1_made_on_cpu_gets_full_marks(graded):
-    _, by_student = graded
-    r = by_student["alice"]
+    r = graded[1]["alice"]
     assert r["score"] == r["max_score"] == 16.0, json.dumps(r, indent=1)
     tests = {t["name"]: t for t in r["tests"]}
     assert [t["name"] for t in r["tests"]] == [s.name for s in TESTS["1"]]
@@ -129,10 +135,11 @@ def test_hw3_fused_before_loading_loses_exactly_the_tests_that_catch_it(graded):
 
 @pytest.mark.slow
 def test_results_json_and_summary_csv(graded):
-    base, by_student = graded
-    for student, r in by_student.items():
-        on_disk = json.loads((base / "results" / student / "results.json").read_text())
-        assert on_disk == r and on_disk["extra_data"]["results"] == str(base / "results" / student / "results.json")
+    base, _, everything = graded
+    for r in everything:
+        path = Path(r["extra_data"]["results"])
+        on_disk = json.loads(path.read_text())
+        assert on_disk == r and path.parent.parent == base / "results" and path.name == "results.json"
         assert set(on_disk) >= {"score", "max_score", "output", "tests", "visibility"}
         assert on_disk["score"] == sum(t["score"] for t in on_disk["tests"])
         assert on_disk["max_score"] == sum(t["max_score"] for t in on_disk["tests"])
@@ -143,16 +150,22 @@ def test_results_json_and_summary_csv(graded):
     with open(base / "results" / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == CSV_COLUMNS
-    assert [r["student"] for r in rows] == ["alice", "bea", "carl", "dana", "erin", "fay"]
-    carl = rows[2]
+    assert [(r["student"], r["homework"]) for r in rows] == [("alice", "1"), ("alice", "2"), ("alice", "2"),
+                                                             ("bea", "3"), ("carl", "3"), ("dana", "3"),
+                                                             ("erin", "int8"), ("fay", "int8")]
+    carl = rows[4]
     assert carl["status"] == "graded" and carl["percent"] == "46.2" and set(carl["failed"].split(";")) == HW3_CATCHERS
-    assert sorted(p.name for p in (base / "results").iterdir()) == ["alice", "bea", "carl", "dana", "erin", "fay",
-                                                                      "summary.csv"]
+    assert sorted(p.name for p in (base / "results").iterdir()) == [
+        "alice", "alice~hw2", "alice~hw2~alice_hw2_again", "bea", "carl", "dana", "erin", "fay", "summary.csv"]
+    hw2, again = graded[2][1], graded[2][2]               # another homework: no flag; the same one twice: flagged
+    assert not any("graded first" in f for f in hw2["extra_data"]["flags"])
+    assert again["extra_data"]["flags"][-1] == ("another zip of alice~hw2 was graded first: these results are in "
+                                                "alice~hw2~alice_hw2_again")
 
 
 @pytest.mark.slow
 def test_engines_evidence_is_checked_for_consistency(graded, tmp_path):
-    base, _ = graded
+    base = graded[0]
     folder = tmp_path / "hw1"
     shutil.copytree(base / "alice" / "hw1", folder)
     from course_lib.safezip import sha256_file
@@ -379,7 +392,7 @@ def test_int8_checks(tmp_path):
 def test_an_sd15_submission_leaves_the_weights_out_and_is_trusted(graded, tmp_path):
     """sd15 files are handed in as graphs only (safetensors not at all); what needs weights is trusted.
     (The tiny files stand in for sd15's here, so sd15's structure tests fail: that is not the point.)"""
-    base, _ = graded
+    base = graded[0]
     sub = submit("3", "sam", SEED, work=base / "bea", out=tmp_path / "subs" / "sam.zip", config="sd15", progress=False)
     assert sorted(sub.stripped) == ["fused_qkv.safetensors", "onnx/controlnet.onnx", "onnx/unet.onnx"]
     with zipfile.ZipFile(sub.path) as zf:

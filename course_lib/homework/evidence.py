@@ -114,6 +114,11 @@ class Evidence:
     def gpu(self) -> str | None:
         return (self.machine.get("gpu") or {}).get("name")
 
+    @property
+    def reference_label(self) -> str:
+        """How messages name the reference: "seed-7301" (tiny, rebuilt from the seed) or "checkpoint" (sd15)."""
+        return f"seed-{self.seed}" if self.config == "tiny" else "checkpoint"
+
     def reference(self):
         """The unfused CNSD the student's files must match: rebuilt from the seed for the tiny preset."""
         if self.reference_model is not None:

@@ -68,7 +68,7 @@ def parity_test(name: str) -> Callable[[Evidence], Verdict]:
         worst = max(r.max_abs for r in table.rows)
         close = len(table.rows) - len(table.failed)
         size = "x".join(map(str, model_size(graph, name)))
-        return table.passed, (f"{close}/{len(table.rows)} outputs match the seed-{ev.seed} reference on fresh "
+        return table.passed, (f"{close}/{len(table.rows)} outputs match the {ev.reference_label} reference on fresh "
                               f"inputs (max abs err {worst:.1e}, {size})")
     onnx_parity.__doc__ = f"HW1: ONNX Runtime runs onnx/{name}.onnx like the reference model in torch."
     return onnx_parity

@@ -65,9 +65,9 @@ def hw3_loaded_weights(ev: Evidence) -> Verdict:
     keys = [f"{p}.{part}.weight" for p in _attention_layers(ev.config) for part in ("to_q", "to_k", "to_v")]
     bad = [k for k in keys if k not in tensors or not torch.equal(tensors[k].float(), state[k].float().cpu())]
     if bad:
-        return False, (f"{len(bad)} of {len(keys)} to_q/to_k/to_v weights differ from the seed-{ev.seed} model's, "
-                       f"e.g. {bad[0]}")
-    return True, f"{len(keys)} to_q/to_k/to_v weights are the seed-{ev.seed} model's"
+        return False, (f"{len(bad)} of {len(keys)} to_q/to_k/to_v weights differ from the {ev.reference_label} "
+                       f"model's, e.g. {bad[0]}")
+    return True, f"{len(keys)} to_q/to_k/to_v weights are the {ev.reference_label} model's"
 
 
 def fused_weight_problem(weight, parts: dict) -> str | None:
@@ -101,7 +101,7 @@ def hw3_fused_weights(ev: Evidence) -> Verdict:
     if bad:
         return False, f"{len(bad)} of {len(layers)} fused weights are wrong, first: {bad[0]}"
     return True, (f"{len(layers)} fused weights equal cat(to_q, to_k, to_v) or cat(to_k, to_v) "
-                  f"of the seed-{ev.seed} weights")
+                  f"of the {ev.reference_label} weights")
 
 
 def onnx_outputs_test(name: str) -> Callable[[Evidence], Verdict]:
