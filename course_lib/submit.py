@@ -150,6 +150,16 @@ class Submission:
 
     __repr__ = __str__
 
+    def report(self, outputs: bool = False) -> str:
+        """What a chapter's "Hand it in" cell shows: the files that would go in, each test's status (with
+        ``outputs`` also its line, whose numbers vary a little between machines) and whether all passed."""
+        lines = [f"homework {self.homework}: {len(self.files)} files to hand in"]
+        lines += [f"  {name}" + ("  (weights left out)" if name in self.stripped else "") for name in self.files]
+        lines.append("tests on this machine:")
+        lines += [f"  [{c.status}] {c.name}" + (f": {c.output}" if outputs else "") for c in self.checks]
+        lines.append(f"ready to hand in: {self.passed}")
+        return "\n".join(lines)
+
 
 def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", out: str | Path | None = None,
            config: str = "tiny", reference=None, limits: ZipLimits = ZipLimits(), progress: bool = True) -> Submission:

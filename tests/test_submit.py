@@ -123,6 +123,10 @@ def test_dry_run_writes_nothing_and_bad_arguments_are_one_line_errors(tmp_path, 
     before = sorted(p.name for p in tmp_path.rglob("*"))
     sub = submit("2", "bob", 1, work=tmp_path, out=None, progress=False)
     assert sub.path is None and "not written (dry run)" in str(sub) and len(sub.files) == 13
+    report = sub.report().splitlines()                   # what the notebook cell prints: no machine-dependent numbers
+    assert report[0] == "homework 2: 13 files to hand in" and report[1:3] == ["  hw2.json", "  O0/clip.plan.json"]
+    assert "  [failed] hw2_plans" in report and report[-1] == "ready to hand in: False"   # no TensorRT here
+    assert "  [passed] hw2_summaries: median, p10, p90" in sub.report(outputs=True)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     with pytest.raises(ValueError, match="--student '../x'"):
         submit("2", "../x", 1, work=tmp_path, out=tmp_path / "x.zip")

@@ -287,9 +287,7 @@ from course_lib.submit import submit
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
 write_hw1_evidence(build_cnsd(tiny, seed=SEED), "homework", height=64, width=64, progress=False)
 dry_run = submit("1", STUDENT, SEED, out=None, progress=False)
-for check in dry_run.checks:
-    print(f"[{check.status}] {check.name}")
-print("ready to hand in:", dry_run.passed)
+print(dry_run.report())
 
 # %% [markdown]
 # ## Self-check

@@ -502,10 +502,8 @@ write_hw1_evidence(build_cnsd(tiny, seed=SEED), "homework", height=64, width=64,
                    export=False, progress=False)
 write_hw2_evidence(out / "hw2", "homework")
 hand_in = {hw: submit(hw, STUDENT, SEED, out=None, progress=False) for hw in ("1", "2")}
-for hw, dry_run in hand_in.items():
-    print(f"homework {hw}:")
-    for check in dry_run.checks:
-        print(f"  [{check.status}] {check.name}: {check.output}")
+for dry_run in hand_in.values():
+    print(dry_run.report(outputs=True))
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
 print("homework 1 and 2 ready to hand in:", all(dry_run.passed for dry_run in hand_in.values()))
