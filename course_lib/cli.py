@@ -244,7 +244,7 @@ def cmd_yolo(args) -> int:
 
 def cmd_submit(args) -> int:
     """Homework: run the homework's checks here and write one zip of evidence."""
-    from .submit import submit
+    from .submit import collect, sanitize_student_id, submit
 
     if args.checkpoint and args.config != "sd15":
         raise ValueError("--checkpoint: the tiny preset's reference is rebuilt from --seed; "
@@ -253,9 +253,16 @@ def cmd_submit(args) -> int:
         raise ValueError(f"--config sd15: homework {args.hw}'s tests compare your files with the real model; "
                          "give --checkpoint control_sd15_canny.pth (or .safetensors)")
     limits = _zip_limits(args)
+    sanitize_student_id(args.student)              # the cheap checks first: sd15 takes minutes and GBs to load
+    if args.out is not None and Path(args.out).suffix != ".zip":
+        raise ValueError(f"--out {args.out}: expected a file name ending in .zip")
+    collect(args.hw, args.work)
     reference = None
-    if args.checkpoint:                            # the real model, on the GPU where there is one (TF32 off there)
-        import torch
+    if args.checkpoint and args.hw != "2":         # homework 2's tests need no reference
+        if not Path(args.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file "
+                                    "(expected control_sd15_canny.pth or .safetensors)")
+        import torch                               # the real model, on the GPU where there is one (TF32 off there)
         reference = _model("sd15", args.checkpoint).to("cuda" if torch.cuda.is_available() else "cpu")
     result = submit(args.hw, args.student, args.seed, work=args.work, out=args.out, config=args.config,
                     reference=reference, limits=limits, progress=not args.quiet)
@@ -278,6 +285,9 @@ def _read_points(path: str | None) -> dict | None:
         return None
     try:
         points = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--points {path}: {e.strerror.lower()}; expected a JSON file like "
+                         '{"onnx_parity_unet": 4}') from None
     except json.JSONDecodeError as e:
         raise ValueError(f"--points {path}: not JSON ({e.msg} at line {e.lineno}); "
                          'expected an object like {"onnx_parity_unet": 4}') from None

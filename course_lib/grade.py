@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -163,9 +164,10 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
             if name in _taken and _taken[name] != hw and hw in FOLDERS:
                 name = f"{name}~{FOLDERS[hw]}"      # the same student's other homework
             if name in _taken:
-                x["flags"].append(f"another zip of {name} was graded first: "
-                                  f"these results are in {name}~{zip_path.stem}")
-                name = f"{name}~{_folder_name(None, zip_path)}"
+                again = f"{name}~{_folder_name(None, zip_path)}"
+                x["flags"].append(f"another zip of {x['student'] or name}'s homework {hw} was graded first: "
+                                  f"these results are in {again}")
+                name = again
             _taken[name] = hw
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -185,7 +187,7 @@ def check_points(points: Mapping[str, float] | None) -> None:
     for name, value in (points or {}).items():
         if name not in known:
             raise ValueError(f"--points: no test named {name!r}; the tests are {', '.join(sorted(known))}")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
             raise ValueError(f"--points: {name} = {value!r}, expected a number >= 0")
 
 

@@ -64,7 +64,7 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
     torch, ONNX Runtime and (with ``plan_dir``, on a GPU) TensorRT; writes the images, ``run.json`` and the
     plans' sidecars (not the plans). ``photo`` defaults to the sample photo at ``height`` x ``width``.
     ``export=False`` keeps the ONNX files already there (the ones the plans in ``plan_dir`` were built from).
-    Returns the homework folder.
+    Without ``plan_dir`` the TensorRT image and sidecars of an earlier run are removed. Returns the folder.
     """
     from .backends import make_backends
     from .cnsd.pipeline import Canny2Image
@@ -95,6 +95,9 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
     if plan_dir is not None:
         for name in MODELS:
             _atomic_copy(Path(plan_dir) / f"{name}.plan.json", folder / "plans" / f"{name}.plan.json")
+    else:                                          # an earlier run's engines belong to earlier ONNX files
+        for stale in [*folder.glob("plans/*.plan.json"), folder / "images" / "canny2image_trt.png"]:
+            stale.unlink(missing_ok=True)
     _atomic_json(folder / "run.json", {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]),
                                        "width": int(photo.shape[1]), "tokenizer": "byte-level" if getattr(
                                            tokenizer, "byte_level", False) else "clip"})
@@ -106,8 +109,8 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
 def write_hw2_evidence(sweep_dir: str | Path, work: str | Path = "homework") -> Path:
     """Homework 2 (chapter 2): hand in what ``hw2_sweep(onnx_dir, sweep_dir)`` wrote: ``hw2.json`` (every timing
     with its raw samples) and the sidecar of each plan it timed (``O<level>/<model>.plan.json``; never the
-    plans), copied to ``work/hw2``, plus ``hw2.png`` drawn from the records. Sidecars of levels the records
-    don't use are removed from ``work/hw2``. Returns the homework folder.
+    plans), copied to ``work/hw2``, plus ``hw2.png`` drawn from the records. When ``sweep_dir`` is another
+    folder, sidecars in ``work/hw2`` that the records don't use are removed. Returns the homework folder.
     """
     from .hw2 import plot_hw2
 
@@ -191,7 +194,7 @@ def write_int8_evidence(model, work: str | Path = "homework", *, height: int = 6
 
     ``photos`` default to the sample photo and its mirror image at ``height`` x ``width``; ``tokenizer`` to the
     byte-level one for tiny, CLIP's for sd15. The fp32 files and the calibration data are scratch, removed
-    at the end. Returns the homework folder.
+    at the end, and so is an older INT8 file of a model not in ``models``. Returns the homework folder.
     """
     from .calibration import capture_calibration
     from .cnsd.pipeline import Canny2Image
@@ -222,4 +225,7 @@ def write_int8_evidence(model, work: str | Path = "homework", *, height: int = 6
             groups = sensitive_nodes(fp32)
             quantize_int8(fp32, folder / f"{name}.int8.onnx", calib.reader(name), method=method,
                           exclude_nodes={g: groups[g] for g in keep_float}, progress=progress)
+    for name in sorted({"controlnet", "unet"} - set(models)):   # an earlier run's model, maybe of another seed
+        for stale in folder.glob(f"{name}.int8.onnx*"):
+            stale.unlink()
     return folder

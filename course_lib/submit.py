@@ -74,14 +74,16 @@ def _driver() -> str | None:
 def collect(hw, work: str | Path = "homework") -> list[str]:
     """Homework submission: the files of homework ``hw`` under ``work/<folder>`` (names relative to it).
 
-    The artifacts of :data:`~course_lib.homework.ARTIFACTS` plus each ONNX file's external data. A missing
-    required file is a FileNotFoundError naming it and the chapter cell that makes it.
+    The artifacts of :data:`~course_lib.homework.ARTIFACTS` plus each ONNX file's external data; hidden files
+    (an interrupted write's temporary) are left out. A missing required file is a FileNotFoundError naming it
+    and the chapter cell that makes it.
     """
     hw = homework_name(hw)
     root = Path(work) / FOLDERS[hw]
     names: list[str] = []
     for artifact in ARTIFACTS[hw]:
-        found = sorted(p for p in root.glob(artifact.pattern) if p.is_file() or p.is_symlink())
+        found = sorted(p for p in root.glob(artifact.pattern)                # ".name.tmp" files are unfinished
+                       if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
         if not found and artifact.required:
             raise FileNotFoundError(f"homework {hw}: {root / artifact.pattern} is missing; "
                                     f"it is made by {artifact.made_by}")

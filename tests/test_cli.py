@@ -281,7 +281,19 @@ def test_submit_and_grade_options(tmp_path, monkeypatch, fake_hw2_sweep):
     assert code == 0 and refused["extra_data"]["refused"] and "members" in refused["output"]
     for points, message in (('{"hw2_records": -1}', "hw2_records = -1, expected a number >= 0"),
                             ('[1, 2]', "expected a JSON object"), ("{oops", "not JSON"),
-                            ('{"no_such_test": 1}', "no test named 'no_such_test'")):
+                            ('{"no_such_test": 1}', "no test named 'no_such_test'"),
+                            ('{"hw2_records": NaN}', "hw2_records = nan, expected a number >= 0"),
+                            ('{"hw2_records": Infinity}', "hw2_records = inf, expected a number >= 0")):
         (tmp_path / "points.json").write_text(points)
         code, _, err = run_main(["grade", "subs", "--out", "r3", "--points", "points.json"])
         assert code == EXIT_USAGE and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_main(["grade", "subs", "--out", "r3", "--points", "nope.json"])
+    assert code == EXIT_USAGE and err.startswith("error: --points nope.json: no such file or directory; expected")
+    code, _, err = run_main(base + ["--hw", "3", "--config", "sd15", "--checkpoint", "nope.pth"])
+    assert code == EXIT_USAGE and "homework/hw3/onnx/controlnet.onnx is missing" in err     # before any sd15 loading
+    for name in ("onnx/controlnet.onnx", "onnx/controlnet.onnx.json", "onnx/unet.onnx", "onnx/unet.onnx.json",
+                 "fused_qkv.safetensors"):                # placeholders: only the file list is checked before loading
+        (tmp_path / "homework" / "hw3" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "homework" / "hw3" / name).write_bytes(b"")
+    code, _, err = run_main(base + ["--hw", "3", "--config", "sd15", "--checkpoint", "nope.pth"])
+    assert code == EXIT_USAGE and "--checkpoint nope.pth: no such file (expected control_sd15_canny.pth" in err

@@ -60,18 +60,26 @@ def graded(tmp_path_factory, fake_hw2_sweep):
     base = tmp_path_factory.mktemp("grading")
     reference = build_cnsd(TINY, seed=SEED)
     subs = base / "submissions"
+    stale = [base / "alice" / "hw1" / "plans" / "unet.plan.json",
+             base / "alice" / "hw1" / "images" / "canny2image_trt.png"]
+    for path in stale:                                    # an earlier GPU run's engines: removed, not handed in
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
     write_hw1_evidence(reference, base / "alice", height=64, width=64, steps=2, progress=False)
+    assert not any(path.exists() for path in stale)
     submit("1", "alice", SEED, work=base / "alice", out=subs / "alice_hw1.zip", progress=False)
     for student, model in hw3_models(reference).items():
         timing = time_attention(model, height=64, width=64, repeats=3) if student == "bea" else None
         write_hw3_evidence(model, base / student, height=64, width=64, timing=timing, progress=False)
         submit("3", student, SEED, work=base / student, out=subs / f"{student}_hw3.zip", progress=False)
     for student, model in (("erin", reference), ("fay", build_cnsd(TINY, seed=SEED + 1))):   # fay: another seed's model
+        (base / student / "int8").mkdir(parents=True)
+        (base / student / "int8" / "unet.int8.onnx").write_bytes(b"an earlier run's")   # removed, not handed in
         write_int8_evidence(model, base / student, models=["controlnet"], progress=False)
         submit("int8", student, SEED, work=base / student, out=subs / f"{student}_int8.zip", progress=False)
     fake_hw2_sweep(base / "alice" / "hw2")                # alice's second homework, handed in twice
     submit("2", "alice", SEED, work=base / "alice", out=subs / "alice_hw2.zip", progress=False)
-    shutil.copyfile(subs / "alice_hw2.zip", subs / "alice_hw2_again.zip")
+    shutil.copyfile(subs / "alice_hw2.zip", subs / "alice_hw2_(again).zip")   # folder: a sanitized name
     results = grade_folder(subs, base / "results", progress=False)
     first = {}
     for r in results:                                     # each student's first zip (sorted by name)
@@ -156,11 +164,11 @@ def test_results_json_and_summary_csv(graded):
     carl = rows[4]
     assert carl["status"] == "graded" and carl["percent"] == "46.2" and set(carl["failed"].split(";")) == HW3_CATCHERS
     assert sorted(p.name for p in (base / "results").iterdir()) == [
-        "alice", "alice~hw2", "alice~hw2~alice_hw2_again", "bea", "carl", "dana", "erin", "fay", "summary.csv"]
+        "alice", "alice~hw2", "alice~hw2~alice_hw2__again_", "bea", "carl", "dana", "erin", "fay", "summary.csv"]
     hw2, again = graded[2][1], graded[2][2]               # another homework: no flag; the same one twice: flagged
     assert not any("graded first" in f for f in hw2["extra_data"]["flags"])
-    assert again["extra_data"]["flags"][-1] == ("another zip of alice~hw2 was graded first: these results are in "
-                                                "alice~hw2~alice_hw2_again")
+    assert again["extra_data"]["flags"][-1] == ("another zip of alice's homework 2 was graded first: "
+                                                "these results are in alice~hw2~alice_hw2__again_")
 
 
 @pytest.mark.slow

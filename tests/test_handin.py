@@ -33,7 +33,9 @@ def test_hw2_hands_in_the_records_and_sidecars_never_the_plans(tmp_path, fake_hw
     assert (folder / "hw2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     outcomes = run_tests(Evidence("2", folder, 7, machine=GPU_MACHINE))
     assert [o.status for o in outcomes] == ["passed"] * len(outcomes), outcomes
+    (folder / "hw2.png").unlink()
     assert write_hw2_evidence(folder, work) == folder                # swept straight into the homework folder
+    assert sorted(collect("2", work)) == sorted(["hw2.json", "hw2.png", *sidecars])
 
 
 def test_hw2_errors_name_what_is_missing(tmp_path, fake_hw2_sweep):

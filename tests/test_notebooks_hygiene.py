@@ -131,8 +131,9 @@ def test_homework_chapters_have_a_hand_it_in_section(name):
     cells = _read(NOTEBOOKS / f"{name}.ipynb").cells
     heading = next((i for i, c in enumerate(cells) if c.cell_type == "markdown"
                     and re.search(r"^## Hand it in", c.source, re.M)), None)
-    assert heading is not None, f"{name}: no '## Hand it in' section before the self-check"
-    code = "\n".join(c.source for c in cells[heading:] if c.cell_type == "code")
+    check = max(i for i, c in enumerate(cells) if c.cell_type == "markdown" and "## Self-check" in c.source)
+    assert heading is not None and heading < check, f"{name}: no '## Hand it in' section before the self-check"
+    code = "\n".join(c.source for c in cells[heading:check] if c.cell_type == "code")
     assert "from course_lib.handin import write_" in code and "SEED, STUDENT =" in code, name
     loop = re.search(r"submit\(hw,[^\n]*\bfor hw in \(([^)]*)\)", code)    # several homeworks in one comprehension
     submitted = set(re.findall(r'submit\("(\w+)"', code)) | set(re.findall(r'"(\w+)"', loop.group(1) if loop else ""))

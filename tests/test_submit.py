@@ -55,6 +55,7 @@ def test_collect_takes_only_the_homework_files(tmp_path, fake_hw2_sweep):
     folder = fake_hw2_sweep(tmp_path / "hw2")
     (folder / "O3" / "unet.plan").write_bytes(b"engine")                 # plans never go in
     (folder / "notes.pt").write_bytes(b"\x80\x04N.")                     # nor anything else
+    (folder / ".hw2.tmp.png").write_bytes(b"half a plot")                # nor an interrupted write's temporary
     names = collect("2", tmp_path)
     assert names[0] == "hw2.json" and len(names) == 1 + 12
     assert all(n == "hw2.json" or n.endswith(".plan.json") for n in names)

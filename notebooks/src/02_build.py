@@ -482,9 +482,11 @@ print("records (4 engines x 3 levels x graph off/on):", len(records) == 24,
 # %% [markdown]
 # ## Hand it in (homework 1, the GPU half, and homework 2)
 #
-# Homework 1's GPU half: engines built from **your** ONNX files (`homework/hw1/onnx`, which chapter 1's
-# "Hand it in" cell exported for your seed), the pipeline's image on them, and the plans' sidecars.
-# Homework 2: the sweep above — `hw2.json` with every raw sample, and the sidecar of each plan it timed.
+# Homework 1's GPU half: engines built from **your** ONNX files (`homework/hw1/onnx`, exported again here
+# for your seed: the same files as chapter 1's), the pipeline's image on them, and the plans' sidecars.
+# Homework 2: a sweep — `hw2.json` with every raw sample, and the sidecar of each plan it timed. The
+# homework asks for the FP16 engines: hand in the sweep of `out/03_fp16/onnx` if you ran it (the cell
+# hands in the fp32 sweep above otherwise; your instructor says whether that counts).
 # Plans themselves are never handed in: a plan only runs with the TensorRT version and GPU that built it,
 # and the grader has neither; the sidecar says which (and the SHA-256 of the ONNX file it came from).
 # The cell then runs both homeworks' tests as the grader will; afterwards, in a terminal:
@@ -496,11 +498,13 @@ from course_lib.submit import submit
 from course_lib.trt import build_plans
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
-build_plans(Path("homework/hw1/onnx"), out / "hw1_plans", profile="static", batch=1, height=64, width=64,
-            opt_level=3, timing_cache=out / "timing.cache", workspace_gib=2, progress=False)
-write_hw1_evidence(build_cnsd(tiny, seed=SEED), "homework", height=64, width=64, plan_dir=out / "hw1_plans",
-                   export=False, progress=False)
-write_hw2_evidence(out / "hw2", "homework")
+student_model, hw1_onnx = build_cnsd(tiny, seed=SEED), Path("homework/hw1/onnx")
+export_cnsd(student_model, hw1_onnx, height=64, width=64, progress=False)
+build_plans(hw1_onnx, out / "hw1_plans", profile="static", batch=1, height=64, width=64, opt_level=3,
+            timing_cache=out / "timing.cache", workspace_gib=2, progress=False)
+write_hw1_evidence(student_model, "homework", height=64, width=64, plan_dir=out / "hw1_plans", export=False,
+                   progress=False)
+write_hw2_evidence(out / "hw2", "homework")      # <- or the FP16 sweep's folder
 hand_in = {hw: submit(hw, STUDENT, SEED, out=None, progress=False) for hw in ("1", "2")}
 for dry_run in hand_in.values():
     print(dry_run.report(outputs=True))
