@@ -134,7 +134,8 @@ class Submission:
     files: dict[str, int]
     checks: list[Outcome]
     path: Path | None = None
-    stripped: list[str] = field(default_factory=list)
+    stripped: list[str] = field(default_factory=list)     # handed in without their weights (sd15), or left out:
+    left_out: list[str] = field(default_factory=list)     # files that stay on the student's machine (sd15 weights)
 
     @property
     def passed(self) -> bool:
@@ -146,6 +147,7 @@ class Submission:
         lines = [head, "files:"]
         lines += [f"  {size / 2**20:8.2f} MB  {name}" + ("  (weights left out)" if name in self.stripped else "")
                   for name, size in self.files.items()]
+        lines += [f"  {'-':>8}     {name}  (left out: weights stay on your machine)" for name in self.left_out]
         lines.append("tests on this machine:")
         lines += [f"  [{c.status.upper()}] {c.name}: {c.output}" for c in self.checks]
         return "\n".join(lines)
@@ -157,6 +159,7 @@ class Submission:
         ``outputs`` also its line, whose numbers vary a little between machines) and whether all passed."""
         lines = [f"homework {self.homework}: {len(self.files)} files to hand in"]
         lines += [f"  {name}" + ("  (weights left out)" if name in self.stripped else "") for name in self.files]
+        lines += [f"  {name}  (left out: weights stay on your machine)" for name in self.left_out]
         lines.append("tests on this machine:")
         lines += [f"  [{c.status}] {c.name}" + (f": {c.output}" if outputs else "") for c in self.checks]
         lines.append(f"ready to hand in: {self.passed}")
@@ -212,7 +215,8 @@ def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", ou
         ev = Evidence(hw, root, seed, config, machine, input_seed=derive_seed(seed, "student"),
                       reference_model=reference)
         checks = run_tests(ev, progress=progress)
-        submission = Submission(hw, student, seed, sizes, checks, stripped=stripped)
+        submission = Submission(hw, student, seed, sizes, checks, stripped=stripped,
+                                left_out=[n for n in names if n not in sources])
         if out is None:
             return submission
         checks_json = json.dumps({"homework": hw, "seed": seed, "input_seed": ev.input_seed,

@@ -403,6 +403,7 @@ def test_an_sd15_submission_leaves_the_weights_out_and_is_trusted(graded, tmp_pa
     base = graded[0]
     sub = submit("3", "sam", SEED, work=base / "bea", out=tmp_path / "subs" / "sam.zip", config="sd15", progress=False)
     assert sorted(sub.stripped) == ["fused_qkv.safetensors", "onnx/controlnet.onnx", "onnx/unet.onnx"]
+    assert sub.left_out == ["fused_qkv.safetensors"] and "  fused_qkv.safetensors  (left out: weights stay" in sub.report()
     with zipfile.ZipFile(sub.path) as zf:
         names = zf.namelist()
         manifest = json.loads(zf.read("manifest.json"))
