@@ -254,6 +254,8 @@ def cmd_submit(args) -> int:
                          "give --checkpoint control_sd15_canny.pth (or .safetensors)")
     limits = _zip_limits(args)
     sanitize_student_id(args.student)              # the cheap checks first: sd15 takes minutes and GBs to load
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed}: expected the non-negative integer your instructor issued")
     if args.out is not None and Path(args.out).suffix != ".zip":
         raise ValueError(f"--out {args.out}: expected a file name ending in .zip")
     collect(args.hw, args.work)
@@ -286,7 +288,10 @@ def _read_points(path: str | None) -> dict | None:
     try:
         points = json.loads(Path(path).read_text())
     except OSError as e:
-        raise ValueError(f"--points {path}: {e.strerror.lower()}; expected a JSON file like "
+        raise ValueError(f"--points {path}: {(e.strerror or str(e)).lower()}; expected a JSON file like "
+                         '{"onnx_parity_unet": 4}') from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--points {path}: not UTF-8 text; expected a JSON file like "
                          '{"onnx_parity_unet": 4}') from None
     except json.JSONDecodeError as e:
         raise ValueError(f"--points {path}: not JSON ({e.msg} at line {e.lineno}); "

@@ -164,9 +164,11 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
             if name in _taken and _taken[name] != hw and hw in FOLDERS:
                 name = f"{name}~{FOLDERS[hw]}"      # the same student's other homework
             if name in _taken:
-                again = f"{name}~{_folder_name(None, zip_path)}"
-                x["flags"].append(f"another zip of {x['student'] or name}'s homework {hw} was graded first: "
-                                  f"these results are in {again}")
+                again, n = f"{name}~{_folder_name(None, zip_path)}", 2
+                while again in _taken:              # the same zip name in two places, or a third copy
+                    again, n = f"{name}~{_folder_name(None, zip_path)}~{n}", n + 1
+                what = f"zip of {x['student'] or name}'s homework {hw}" if hw in FOLDERS else f"submission for {name}"
+                x["flags"].append(f"another {what} was graded first: these results are in {again}")
                 name = again
             _taken[name] = hw
         folder = out_dir / name
@@ -188,7 +190,7 @@ def check_points(points: Mapping[str, float] | None) -> None:
         if name not in known:
             raise ValueError(f"--points: no test named {name!r}; the tests are {', '.join(sorted(known))}")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
-            raise ValueError(f"--points: {name} = {value!r}, expected a number >= 0")
+            raise ValueError(f"--points: {name} = {value!r}, expected a finite number >= 0")
 
 
 def _grade(zip_path: Path, unpacked: Path, roster, salt, limits, points, require_gpu, progress) -> dict:

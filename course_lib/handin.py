@@ -64,7 +64,8 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
     torch, ONNX Runtime and (with ``plan_dir``, on a GPU) TensorRT; writes the images, ``run.json`` and the
     plans' sidecars (not the plans). ``photo`` defaults to the sample photo at ``height`` x ``width``.
     ``export=False`` keeps the ONNX files already there (the ones the plans in ``plan_dir`` were built from).
-    Without ``plan_dir`` the TensorRT image and sidecars of an earlier run are removed. Returns the folder.
+    Without ``plan_dir``, an earlier run's TensorRT evidence (plan sidecars, TensorRT image) is removed unless
+    all four sidecars were built from these very ONNX files and the settings are the same. Returns the folder.
     """
     from .backends import make_backends
     from .cnsd.pipeline import Canny2Image
@@ -92,16 +93,42 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
         pipe = Canny2Image(backends, tokenizer, model.config, device=device, progress=progress)
         write_image(folder / "images" / f"canny2image_{kind}.png", pipe.process(photo, prompt, **settings)[0])
     write_image(folder / "images" / "input.png", photo)
+    run = {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]), "width": int(photo.shape[1]),
+           "tokenizer": "byte-level" if getattr(tokenizer, "byte_level", False) else "clip"}
     if plan_dir is not None:
         for name in MODELS:
             _atomic_copy(Path(plan_dir) / f"{name}.plan.json", folder / "plans" / f"{name}.plan.json")
-    else:                                          # an earlier run's engines belong to earlier ONNX files
-        for stale in [*folder.glob("plans/*.plan.json"), folder / "images" / "canny2image_trt.png"]:
-            stale.unlink(missing_ok=True)
-    _atomic_json(folder / "run.json", {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]),
-                                       "width": int(photo.shape[1]), "tokenizer": "byte-level" if getattr(
-                                           tokenizer, "byte_level", False) else "clip"})
+    else:
+        _drop_stale_trt_evidence(folder, run)
+    _atomic_json(folder / "run.json", run)
     return folder
+
+
+def _drop_stale_trt_evidence(folder: Path, run: dict) -> None:
+    """A CPU re-run (chapter 1's cell after chapter 2's) keeps the TensorRT evidence, all of it or none: the
+    four plan sidecars and the TensorRT image stay while every sidecar's ``onnx_sha256`` is its ONNX file's now
+    (export is deterministic for a seed) and ``run.json``'s settings are unchanged."""
+    from .safezip import sha256_file
+
+    def built_from(sidecar: Path) -> str | None:
+        try:
+            return json.loads(sidecar.read_text()).get("onnx_sha256")
+        except (OSError, ValueError, AttributeError, UnicodeDecodeError):    # missing, not JSON, not an object
+            return None
+
+    def same_run() -> bool:
+        try:
+            return json.loads((folder / "run.json").read_text()) == run
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+
+    valid = same_run() and all((folder / "onnx" / f"{m}.onnx").is_file() and built_from(
+        folder / "plans" / f"{m}.plan.json") == sha256_file(folder / "onnx" / f"{m}.onnx") for m in MODELS)
+    for stale in folder.glob("plans/*.plan.json"):
+        if not valid or stale.name.removesuffix(".plan.json") not in MODELS:
+            stale.unlink()
+    if not valid:
+        (folder / "images" / "canny2image_trt.png").unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- homework 2
@@ -202,7 +229,7 @@ def write_int8_evidence(model, work: str | Path = "homework", *, height: int = 6
     from .samples import sample_photo
 
     unknown = [m for m in models if m not in ("controlnet", "unet")]
-    if unknown or not models:
+    if unknown or "controlnet" not in models:
         raise ValueError(f"models {list(models)}: the INT8 homework quantizes 'controlnet' and optionally 'unet'")
     bad = [g for g in keep_float if g not in SENSITIVE_GROUPS]
     if bad:

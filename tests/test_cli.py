@@ -268,7 +268,9 @@ def test_submit_and_grade_options(tmp_path, monkeypatch, fake_hw2_sweep):
     assert code == EXIT_USAGE and "15 files in the zip, over the grader's limit of 10" in err
     for args, message in ((["--checkpoint", "x.pth"], "a checkpoint goes with --config sd15"),
                           (["--hw", "3", "--config", "sd15"], "give --checkpoint control_sd15_canny.pth"),
-                          (["--max-members", "0"], "--max-members 0: expected a number > 0")):
+                          (["--max-members", "0"], "--max-members 0: expected a number > 0"),
+                          (["--seed", "-1", "--hw", "3", "--config", "sd15", "--checkpoint", "x.pth"],
+                           "--seed -1: expected the non-negative integer")):      # before the files, before sd15
         code, _, err = run_main(base + args)
         assert code == EXIT_USAGE and message in err and len(err.strip().splitlines()) == 1, err
     (tmp_path / "points.json").write_text('{"hw2_records": 10}')
@@ -279,14 +281,17 @@ def test_submit_and_grade_options(tmp_path, monkeypatch, fake_hw2_sweep):
     code, _, err = run_main(["grade", "subs", "--out", "r2", "--max-members", "3", "--quiet"])
     refused = json.loads((tmp_path / "r2" / "bob" / "results.json").read_text())
     assert code == 0 and refused["extra_data"]["refused"] and "members" in refused["output"]
-    for points, message in (('{"hw2_records": -1}', "hw2_records = -1, expected a number >= 0"),
+    for points, message in (('{"hw2_records": -1}', "hw2_records = -1, expected a finite number >= 0"),
                             ('[1, 2]', "expected a JSON object"), ("{oops", "not JSON"),
                             ('{"no_such_test": 1}', "no test named 'no_such_test'"),
-                            ('{"hw2_records": NaN}', "hw2_records = nan, expected a number >= 0"),
-                            ('{"hw2_records": Infinity}', "hw2_records = inf, expected a number >= 0")):
+                            ('{"hw2_records": NaN}', "hw2_records = nan, expected a finite number >= 0"),
+                            ('{"hw2_records": Infinity}', "hw2_records = inf, expected a finite number >= 0")):
         (tmp_path / "points.json").write_text(points)
         code, _, err = run_main(["grade", "subs", "--out", "r3", "--points", "points.json"])
         assert code == EXIT_USAGE and message in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "points.json").write_bytes(b"\xff\xfe{")
+    code, _, err = run_main(["grade", "subs", "--out", "r3", "--points", "points.json"])
+    assert code == EXIT_USAGE and "--points points.json: not UTF-8 text" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_main(["grade", "subs", "--out", "r3", "--points", "nope.json"])
     assert code == EXIT_USAGE and err.startswith("error: --points nope.json: no such file or directory; expected")
     code, _, err = run_main(base + ["--hw", "3", "--config", "sd15", "--checkpoint", "nope.pth"])

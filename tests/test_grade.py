@@ -142,7 +142,7 @@ def test_hw3_fused_before_loading_loses_exactly_the_tests_that_catch_it(graded):
 
 
 @pytest.mark.slow
-def test_results_json_and_summary_csv(graded):
+def test_results_json_and_summary_csv(graded, tmp_path):
     base, _, everything = graded
     for r in everything:
         path = Path(r["extra_data"]["results"])
@@ -169,6 +169,10 @@ def test_results_json_and_summary_csv(graded):
     assert not any("graded first" in f for f in hw2["extra_data"]["flags"])
     assert again["extra_data"]["flags"][-1] == ("another zip of alice's homework 2 was graded first: "
                                                 "these results are in alice~hw2~alice_hw2__again_")
+    taken = {"alice": "1", "alice~hw2": "2", "alice~hw2~alice_hw2": "2"}          # a third copy: a free folder
+    third = grade_submission(graded[0] / "submissions" / "alice_hw2.zip", tmp_path, progress=False, _taken=taken)
+    assert third["extra_data"]["flags"][-1].endswith("these results are in alice~hw2~alice_hw2~2")
+    assert (tmp_path / "alice~hw2~alice_hw2~2" / "results.json").is_file() and taken["alice~hw2~alice_hw2~2"] == "2"
 
 
 @pytest.mark.slow
@@ -188,6 +192,27 @@ def test_engines_evidence_is_checked_for_consistency(graded, tmp_path):
     write_json(folder / "plans" / "unet.plan.json", side | {"onnx_sha256": "f" * 64})
     assert engines(ev) == (False, "plans/unet.plan.json was built from another ONNX file than onnx/unet.onnx")
 
+
+
+@pytest.mark.slow
+def test_a_cpu_rerun_keeps_the_tensorrt_evidence_that_still_belongs(graded, tmp_path):
+    """Chapter 1's cell re-run after chapter 2's (same seed, same settings) must not delete the GPU evidence."""
+    from course_lib.safezip import sha256_file
+    work = tmp_path / "homework"
+    shutil.copytree(graded[0] / "alice" / "hw1", work / "hw1")
+    folder = work / "hw1"
+    trt_image = folder / "images" / "canny2image_trt.png"
+    shutil.copyfile(folder / "images" / "canny2image_torch.png", trt_image)
+    for name in MODELS:
+        write_sidecar(folder / "plans" / f"{name}.plan", PlanSidecar(
+            f"{name}.plan", "10.8.0.43", GPU["name"], "86", [], "as in the ONNX (fp32)", 3, 10.0, True, 1.0,
+            "2025-01-01T00:00:00", f"onnx/{name}.onnx", sha256_file(folder / "onnx" / f"{name}.onnx")))
+    sidecars = {name: (folder / "plans" / f"{name}.plan.json").read_bytes() for name in MODELS}
+    reference = build_cnsd(TINY, seed=SEED)
+    write_hw1_evidence(reference, work, height=64, width=64, steps=2, progress=False)
+    assert {n: (folder / "plans" / f"{n}.plan.json").read_bytes() for n in MODELS} == sidecars and trt_image.exists()
+    write_hw1_evidence(reference, work, height=64, width=64, steps=2, prompt="a cat", export=False, progress=False)
+    assert not list(folder.glob("plans/*")) and not trt_image.exists()
 
 # --- HW2: timings checked for consistency (test data, no GPU needed) ------------------------------------------
 

@@ -68,6 +68,8 @@ def test_hw1_engines_need_the_onnx_files_and_the_plans_sidecars(tmp_path):
 def test_int8_arguments_are_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"models \['clip'\]: the INT8 homework quantizes 'controlnet'"):
         write_int8_evidence(object(), tmp_path, models=["clip"])
+    with pytest.raises(ValueError, match=r"models \['unet'\]: the INT8 homework quantizes 'controlnet'"):
+        write_int8_evidence(object(), tmp_path, models=["unet"])      # controlnet is the one every test needs
     with pytest.raises(ValueError, match=r"keep_float \['softmax'\]: expected groups of sensitive_nodes"):
         write_int8_evidence(object(), tmp_path, keep_float=["softmax"])
     assert not list(tmp_path.iterdir())
