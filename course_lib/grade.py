@@ -164,9 +164,10 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
             if name in _taken and _taken[name] != hw and hw in FOLDERS:
                 name = f"{name}~{FOLDERS[hw]}"      # the same student's other homework
             if name in _taken:
-                again, n = f"{name}~{_folder_name(None, zip_path)}", 2
+                again = base = f"{name}~{_folder_name(None, zip_path)}"
+                n = 2
                 while again in _taken:              # the same zip name in two places, or a third copy
-                    again, n = f"{name}~{_folder_name(None, zip_path)}~{n}", n + 1
+                    again, n = f"{base}~{n}", n + 1
                 what = f"zip of {x['student'] or name}'s homework {hw}" if hw in FOLDERS else f"submission for {name}"
                 x["flags"].append(f"another {what} was graded first: these results are in {again}")
                 name = again
