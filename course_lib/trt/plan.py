@@ -12,7 +12,6 @@ Also here: the atomic write helpers every artifact uses (temp name in the same f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -45,13 +44,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | Path) -> str:
     """The SHA-256 of one file (for an ONNX with external data: the graph file only)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    from ..safezip import sha256_file
+    return sha256_file(path)
 
 
 def sidecar_path(plan_path: str | Path) -> Path:
