@@ -286,7 +286,7 @@ def _read_points(path: str | None) -> dict | None:
     if path is None:
         return None
     try:
-        points = json.loads(Path(path).read_text())
+        points = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise ValueError(f"--points {path}: {(e.strerror or str(e)).lower()}; expected a JSON file like "
                          '{"onnx_parity_unet": 4}') from None

@@ -158,13 +158,13 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
     try:
         results = _grade(zip_path, unpacked, roster, salt, limits, points, require_gpu, progress)
         x = results["extra_data"]
-        name = _folder_name({"student": x["student"]}, zip_path)
+        name = student = _folder_name({"student": x["student"]}, zip_path)
         if _taken is not None:                      # {folder: homework} of the zips graded before, this run
             hw = x.get("homework")
             if name in _taken and _taken[name] != hw and hw in FOLDERS:
-                name = f"{name}~{FOLDERS[hw]}"      # the same student's other homework
-            if name in _taken:
-                again = base = f"{name}~{_folder_name(None, zip_path)}"
+                name = f"{student}~{FOLDERS[hw]}"   # the same student's other homework
+            if name in _taken:                      # two ~ (IDs and zip stems have none): never a name above
+                again = base = f"{student}~{FOLDERS.get(hw, 'unread')}~{_folder_name(None, zip_path)}"
                 n = 2
                 while again in _taken:              # the same zip name in two places, or a third copy
                     again, n = f"{base}~{n}", n + 1
@@ -281,7 +281,8 @@ def grade_folder(submissions: str | Path, out_dir: str | Path, *, progress: bool
 
     ``options`` are :func:`grade_submission`'s (roster, salt, limits, points, require_gpu, keep). A student's
     other homework graded in the same run gets the folder ``<student>~<hw1|hw2|hw3|int8>``; a second zip of
-    the same homework ``<student>~<zip name>``, and a flag. Returns the results, in order.
+    the same homework ``<student>~<hw1|...>~<zip name>`` (``~2``, ``~3``, ... if taken), and a flag. Returns the
+    results, in order.
     """
     from tqdm import tqdm
 

@@ -64,8 +64,9 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
     torch, ONNX Runtime and (with ``plan_dir``, on a GPU) TensorRT; writes the images, ``run.json`` and the
     plans' sidecars (not the plans). ``photo`` defaults to the sample photo at ``height`` x ``width``.
     ``export=False`` keeps the ONNX files already there (the ones the plans in ``plan_dir`` were built from).
-    Without ``plan_dir``, an earlier run's TensorRT evidence (plan sidecars, TensorRT image) is removed unless
-    all four sidecars were built from these very ONNX files and the settings are the same. Returns the folder.
+    Without ``plan_dir``, an earlier run's TensorRT evidence (plan sidecars, TensorRT image) is removed unless it
+    still belongs: built from these very ONNX files on this machine, with the same settings and photo.
+    Returns the folder.
     """
     from .backends import make_backends
     from .cnsd.pipeline import Canny2Image
@@ -86,6 +87,9 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
         if missing:
             raise FileNotFoundError(f"{Path(plan_dir) / (missing[0] + '.plan.json')} is missing: build the plans "
                                     f"from {folder / 'onnx'} with build_plans (chapter 2) first")
+    run = {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]), "width": int(photo.shape[1]),
+           "tokenizer": "byte-level" if getattr(tokenizer, "byte_level", False) else "clip"}
+    keep_trt = plan_dir is None and _trt_evidence_still_belongs(folder, run, photo)     # before images are replaced
     torch_device = next(model.parameters()).device
     for kind in ("torch", "ort") + (("trt",) if plan_dir is not None else ()):
         device = torch_device if kind == "torch" else ("cuda" if kind == "trt" else "cpu")
@@ -93,42 +97,51 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
         pipe = Canny2Image(backends, tokenizer, model.config, device=device, progress=progress)
         write_image(folder / "images" / f"canny2image_{kind}.png", pipe.process(photo, prompt, **settings)[0])
     write_image(folder / "images" / "input.png", photo)
-    run = {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]), "width": int(photo.shape[1]),
-           "tokenizer": "byte-level" if getattr(tokenizer, "byte_level", False) else "clip"}
     if plan_dir is not None:
         for name in MODELS:
             _atomic_copy(Path(plan_dir) / f"{name}.plan.json", folder / "plans" / f"{name}.plan.json")
-    else:
-        _drop_stale_trt_evidence(folder, run)
+    elif not keep_trt:                             # an earlier run's engines: other ONNX files, settings or machine
+        for stale in [*folder.glob("plans/*.plan.json"), folder / "images" / "canny2image_trt.png"]:
+            stale.unlink(missing_ok=True)
     _atomic_json(folder / "run.json", run)
     return folder
 
 
-def _drop_stale_trt_evidence(folder: Path, run: dict) -> None:
-    """A CPU re-run (chapter 1's cell after chapter 2's) keeps the TensorRT evidence, all of it or none: the
-    four plan sidecars and the TensorRT image stay while every sidecar's ``onnx_sha256`` is its ONNX file's now
-    (export is deterministic for a seed) and ``run.json``'s settings are unchanged."""
-    from .safezip import sha256_file
+def _this_machine() -> tuple[str | None, str | None]:
+    """(TensorRT version, GPU name) here, as ``submit`` will record them (None where absent)."""
+    from .env import detect
+    env = detect()
+    return env.tensorrt, (env.gpu_name if env.has_gpu else None)
 
-    def built_from(sidecar: Path) -> str | None:
+
+def _trt_evidence_still_belongs(folder: Path, run: dict, photo) -> bool:
+    """Whether an earlier run's TensorRT evidence would still pass the ``engines`` test after a CPU re-run (chapter
+    1's cell after chapter 2's): the TensorRT image is there, and the four plan sidecars were built from these
+    very ONNX files (export is deterministic for a seed) by this machine's TensorRT and GPU, with the same
+    ``run.json`` settings and input photo. All of it is kept, or none."""
+    import numpy as np
+
+    from .safezip import sha256_file
+    from .samples import read_image
+
+    def read_json(path: Path):
         try:
-            return json.loads(sidecar.read_text()).get("onnx_sha256")
-        except (OSError, ValueError, AttributeError, UnicodeDecodeError):    # missing, not JSON, not an object
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):                  # missing, not UTF-8, not JSON
             return None
 
-    def same_run() -> bool:
-        try:
-            return json.loads((folder / "run.json").read_text()) == run
-        except (OSError, ValueError, UnicodeDecodeError):
+    tensorrt, gpu = _this_machine()
+    for name in MODELS:
+        side, onnx = read_json(folder / "plans" / f"{name}.plan.json"), folder / "onnx" / f"{name}.onnx"
+        if not (isinstance(side, dict) and onnx.is_file() and side.get("onnx_sha256") == sha256_file(onnx)
+                and side.get("tensorrt") == tensorrt and side.get("gpu") == gpu):
             return False
-
-    valid = same_run() and all((folder / "onnx" / f"{m}.onnx").is_file() and built_from(
-        folder / "plans" / f"{m}.plan.json") == sha256_file(folder / "onnx" / f"{m}.onnx") for m in MODELS)
-    for stale in folder.glob("plans/*.plan.json"):
-        if not valid or stale.name.removesuffix(".plan.json") not in MODELS:
-            stale.unlink()
-    if not valid:
-        (folder / "images" / "canny2image_trt.png").unlink(missing_ok=True)
+    if read_json(folder / "run.json") != run or not (folder / "images" / "canny2image_trt.png").is_file():
+        return False
+    try:
+        return np.array_equal(read_image(folder / "images" / "input.png"), np.asarray(photo))
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------- homework 2

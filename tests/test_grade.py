@@ -173,6 +173,12 @@ def test_results_json_and_summary_csv(graded, tmp_path):
     third = grade_submission(graded[0] / "submissions" / "alice_hw2.zip", tmp_path, progress=False, _taken=taken)
     assert third["extra_data"]["flags"][-1].endswith("these results are in alice~hw2~alice_hw2~2")
     assert (tmp_path / "alice~hw2~alice_hw2~2" / "results.json").is_file() and taken["alice~hw2~alice_hw2~2"] == "2"
+    subs, taken = graded[0] / "submissions", {}          # a second HW2 zip named hw1.zip must not take HW1's folder
+    shutil.copyfile(subs / "alice_hw2.zip", tmp_path / "hw1.zip")
+    for zip_path in (subs / "alice_hw2.zip", tmp_path / "hw1.zip", subs / "alice_hw1.zip"):
+        last = grade_submission(zip_path, tmp_path / "r", progress=False, _taken=taken)
+    assert taken == {"alice": "2", "alice~hw2~hw1": "2", "alice~hw1": "1"}
+    assert not any("graded first" in f for f in last["extra_data"]["flags"]) and last["score"] == last["max_score"]
 
 
 @pytest.mark.slow
@@ -195,24 +201,45 @@ def test_engines_evidence_is_checked_for_consistency(graded, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_cpu_rerun_keeps_the_tensorrt_evidence_that_still_belongs(graded, tmp_path):
-    """Chapter 1's cell re-run after chapter 2's (same seed, same settings) must not delete the GPU evidence."""
+def test_a_cpu_rerun_keeps_the_tensorrt_evidence_that_still_belongs(graded, tmp_path, monkeypatch):
+    """Chapter 1's cell re-run after chapter 2's must keep the GPU evidence while it still belongs, all of it,
+    and drop all of it otherwise: other ONNX files, another machine, other settings, another photo."""
+    from course_lib import handin
     from course_lib.safezip import sha256_file
-    work = tmp_path / "homework"
-    shutil.copytree(graded[0] / "alice" / "hw1", work / "hw1")
-    folder = work / "hw1"
+    from course_lib.samples import sample_photo
+    folder = tmp_path / "homework" / "hw1"
+    shutil.copytree(graded[0] / "alice" / "hw1", folder)
     trt_image = folder / "images" / "canny2image_trt.png"
-    shutil.copyfile(folder / "images" / "canny2image_torch.png", trt_image)
-    for name in MODELS:
-        write_sidecar(folder / "plans" / f"{name}.plan", PlanSidecar(
-            f"{name}.plan", "10.8.0.43", GPU["name"], "86", [], "as in the ONNX (fp32)", 3, 10.0, True, 1.0,
-            "2025-01-01T00:00:00", f"onnx/{name}.onnx", sha256_file(folder / "onnx" / f"{name}.onnx")))
-    sidecars = {name: (folder / "plans" / f"{name}.plan.json").read_bytes() for name in MODELS}
+
+    def built_on_the_gpu() -> dict:                       # what chapter 2's cell leaves (test data: no TensorRT)
+        shutil.copyfile(folder / "images" / "canny2image_torch.png", trt_image)
+        for name in MODELS:
+            write_sidecar(folder / "plans" / f"{name}.plan", PlanSidecar(
+                f"{name}.plan", "10.8.0.43", GPU["name"], "86", [], "as in the ONNX (fp32)", 3, 10.0, True, 1.0,
+                "2025-01-01T00:00:00", f"onnx/{name}.onnx", sha256_file(folder / "onnx" / f"{name}.onnx")))
+        return {name: (folder / "plans" / f"{name}.plan.json").read_bytes() for name in MODELS}
+
+    def rerun(model, **changes) -> bool:                  # chapter 1's cell again; True: the evidence is kept
+        write_hw1_evidence(model, tmp_path / "homework", **{"height": 64, "width": 64, "steps": 2, "progress": False,
+                                                             **changes})
+        kept = sorted(p.name for p in folder.glob("plans/*")) == [f"{m}.plan.json" for m in sorted(MODELS)]
+        assert kept == trt_image.exists()                 # all of it or none
+        return kept
+
     reference = build_cnsd(TINY, seed=SEED)
-    write_hw1_evidence(reference, work, height=64, width=64, steps=2, progress=False)
-    assert {n: (folder / "plans" / f"{n}.plan.json").read_bytes() for n in MODELS} == sidecars and trt_image.exists()
-    write_hw1_evidence(reference, work, height=64, width=64, steps=2, prompt="a cat", export=False, progress=False)
-    assert not list(folder.glob("plans/*")) and not trt_image.exists()
+    monkeypatch.setattr(handin, "_this_machine", lambda: ("10.8.0.43", GPU["name"]))   # the machine that built them
+    sidecars = built_on_the_gpu()
+    assert rerun(reference)                               # same seed: the same ONNX bytes
+    assert {n: (folder / "plans" / f"{n}.plan.json").read_bytes() for n in MODELS} == sidecars
+    assert not rerun(build_cnsd(TINY, seed=SEED + 1))     # another seed's ONNX files
+    upside_down = sample_photo(size=(64, 64))[::-1].copy()
+    for i, changes in enumerate(({"prompt": "a cat"}, {"photo": upside_down}, {"machine": (None, None)})):
+        rerun(reference, export=i == 0)                   # back to chapter 1's files and settings
+        built_on_the_gpu()
+        if "machine" in changes:                          # the files copied to a machine without TensorRT
+            machine = changes.pop("machine")
+            monkeypatch.setattr(handin, "_this_machine", lambda: machine)
+        assert not rerun(reference, export=False, **changes), changes
 
 # --- HW2: timings checked for consistency (test data, no GPU needed) ------------------------------------------
 
