@@ -244,7 +244,7 @@ def cmd_yolo(args) -> int:
 
 def cmd_submit(args) -> int:
     """Homework: run the homework's checks here and write one zip of evidence."""
-    from .submit import collect, sanitize_student_id, submit
+    from .submit import check_seed, collect, sanitize_student_id, submit
 
     if args.checkpoint and args.config != "sd15":
         raise ValueError("--checkpoint: the tiny preset's reference is rebuilt from --seed; "
@@ -254,8 +254,7 @@ def cmd_submit(args) -> int:
                          "give --checkpoint control_sd15_canny.pth (or .safetensors)")
     limits = _zip_limits(args)
     sanitize_student_id(args.student)              # the cheap checks first: sd15 takes minutes and GBs to load
-    if args.seed < 0:
-        raise ValueError(f"--seed {args.seed}: expected the non-negative integer your instructor issued")
+    check_seed(args.seed)
     if args.out is not None and Path(args.out).suffix != ".zip":
         raise ValueError(f"--out {args.out}: expected a file name ending in .zip")
     collect(args.hw, args.work)

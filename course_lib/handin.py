@@ -108,10 +108,10 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
 
 
 def _this_machine() -> tuple[str | None, str | None]:
-    """(TensorRT version, GPU name) here, as ``submit`` will record them (None where absent)."""
-    from .env import detect
-    env = detect()
-    return env.tensorrt, (env.gpu_name if env.has_gpu else None)
+    """(TensorRT version, GPU name) here, as ``submit`` records them in the manifest (None where absent)."""
+    from .submit import machine_info
+    machine = machine_info()
+    return machine["versions"]["tensorrt"], (machine["gpu"] or {}).get("name")
 
 
 def _trt_evidence_still_belongs(folder: Path, run: dict, photo) -> bool:

@@ -46,6 +46,13 @@ def sanitize_student_id(student) -> str:
     return text
 
 
+def check_seed(seed) -> int:
+    """Homework submission: the issued seed if it is a non-negative integer, else a ValueError."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed {seed!r}: expected the non-negative integer your instructor issued")
+    return seed
+
+
 def machine_info() -> dict:
     """Homework submission: versions (course_lib, Python, torch, onnx, onnxruntime, TensorRT, CUDA) and GPU."""
     import onnx
@@ -181,8 +188,7 @@ def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", ou
     Returns a :class:`Submission`. Raises FileNotFoundError naming a missing file and the cell that makes it.
     """
     hw, student = homework_name(hw), sanitize_student_id(student)
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"--seed {seed!r}: expected the non-negative integer your instructor issued")
+    check_seed(seed)
     if config not in ("tiny", "sd15"):
         raise ValueError(f"--config {config!r}: expected 'tiny' or 'sd15'")
     if out is not None and Path(out).suffix != ".zip":
