@@ -1,17 +1,20 @@
 """The builder's pure parts and its behaviour without TensorRT (chapter 2), on CPU.
 
-Real builds are in test_trt_engine_gpu.py (needs TensorRT and a GPU).
+Real builds: test_trt_builds.py (TensorRT for RTX, on the CPU) and test_trt_engine_gpu.py (a GPU).
 """
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from course_lib.env import MissingDependency, has_module
+from course_lib.env import MissingDependency
 from course_lib.trt import require_tensorrt
-from course_lib.trt.build import TRT8_TO_TRT10, build_engine_plan, build_plans, migration_table, onnx_precision, parser_error_lines
+from course_lib.trt.build import TRT8_TO_TRT10, build_engine_plan, build_plans, migration_table, onnx_precision
+from course_lib.trt.network import parser_error_line
 
 
 def _onnx(path, dtype=np.float32):
@@ -35,10 +38,13 @@ def test_migration_table_covers_the_removed_calls():
     assert len(table.splitlines()) == len(TRT8_TO_TRT10) + 1
 
 
-def test_parser_errors_one_per_line():
-    msg = parser_error_lines([("act", "NotARealOp", "No importer registered"), ("", "", "bad graph")], "m.onnx")
-    assert msg.splitlines() == ["TensorRT could not parse m.onnx (2 error(s)):",
-                                "  node act (NotARealOp): No importer registered", "  node ? (?): bad graph"]
+def test_parser_errors_are_one_line_naming_node_and_op():
+    msg = parser_error_line([("act", "NotARealOp", "No importer\nregistered"), ("", "", "bad graph")], "d/m.onnx",
+                            "TensorRT 10.13.3.9")
+    assert msg == ("TensorRT 10.13.3.9 cannot parse m.onnx: node 'act' (op NotARealOp): No importer registered "
+                   "(and 1 more error(s))")
+    assert "node '?' (op ?)" in parser_error_line([("", "", "x")], "m.onnx")
+    assert "gave no reason" in parser_error_line([], "m.onnx")
 
 
 def test_onnx_precision(tmp_path):
@@ -46,11 +52,14 @@ def test_onnx_precision(tmp_path):
     assert onnx_precision(_onnx(tmp_path / "b.onnx", np.float16)) == "float16"
 
 
-@pytest.mark.skipif(has_module("tensorrt"), reason="tensorrt is installed here")
-def test_without_tensorrt_building_says_what_to_install(tmp_path):
+def test_without_tensorrt_building_says_what_to_install(tmp_path, monkeypatch):
+    for name in ("tensorrt", "tensorrt_rtx"):        # None in sys.modules: Python's way to make an import fail
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingDependency) as info:
         build_engine_plan(_onnx(tmp_path / "a.onnx"), tmp_path / "a.plan", {})
-    assert "\n" not in str(info.value) and "pip install tensorrt" in str(info.value)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("neither tensorrt nor tensorrt_rtx is installed for building")
+    assert "pip install tensorrt-cu13" in msg and "pip install tensorrt-rtx" in msg
     with pytest.raises(MissingDependency):
         require_tensorrt()
     assert not (tmp_path / "a.plan").exists()

@@ -83,3 +83,57 @@ def test_same_cc_other_gpu_model_warns_unless_strict():
 
 def test_normalize_cc():
     assert {normalize_cc(c) for c in [(8, 6), "8.6", "sm_86", "86"]} == {"86"}
+
+
+def _rtx_sidecar(**changes) -> PlanSidecar:
+    return _sidecar(**{"tensorrt": "1.7.1.116", "gpu": "", "compute_capability": "80,86,89,120",
+                       "flavour": "tensorrt_rtx", "target": "ahead of time, for compute capability 8.0, 8.6, 8.9, 12.0",
+                       "compute_capabilities": ["80", "86", "89", "120"], **changes})
+
+
+def test_old_sidecars_are_full_tensorrt(tmp_path):
+    data = _sidecar().to_dict()
+    for key in ("flavour", "target", "compute_capabilities"):
+        del data[key]
+    data["format"] = 1
+    sidecar_path(tmp_path / "old.plan").write_text(json.dumps(data))
+    old = read_sidecar(tmp_path / "old.plan")
+    assert old.flavour == "tensorrt" and old.runs_on == ["86"]
+    assert old.describe() == "TensorRT 10.8.0.43 on NVIDIA GeForce RTX 3060 (sm_86)"
+
+
+def test_rtx_plan_runs_on_any_gpu_it_targets():
+    side = _rtx_sidecar()
+    assert side.describe() == "TensorRT for RTX 1.7.1.116, ahead of time, for compute capability 8.0, 8.6, 8.9, 12.0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # another GPU model: no warning, JIT compiles for it
+        for gpu, cc in (("NVIDIA GeForce RTX 3060", "8.6"), ("NVIDIA A10", "86"), ("NVIDIA L4", (8, 9)),
+                        ("NVIDIA GeForce RTX 5090", "12.0"), ("NVIDIA A100-SXM4-80GB", "sm_80")):
+            check_sidecar(side, "1.7.1.116", gpu, cc, flavour="tensorrt_rtx")
+
+
+@pytest.mark.parametrize("flavour, version, gpu, cc, says", [
+    ("tensorrt_rtx", "1.7.1.116", "NVIDIA H100 80GB HBM3", "9.0", "this machine has TensorRT for RTX 1.7.1.116 on "
+     "NVIDIA H100 80GB HBM3 (sm_90): rebuild it with"),
+    ("tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 2080", "7.5", "(sm_75)"),
+    ("tensorrt_rtx", "1.8.0.1", "NVIDIA GeForce RTX 3060", "8.6", "this machine has TensorRT for RTX 1.8.0.1: rebuild"),
+    ("tensorrt", "1.7.1.116", "NVIDIA GeForce RTX 3060", "8.6", "this process uses TensorRT 1.7.1.116: rebuild it with "
+     "COURSE_TENSORRT=tensorrt python -m course_lib build"),
+    ("tensorrt_rtx", "1.7.1.116", None, None, "needs a CUDA GPU to run and this machine has none: run it on a GPU of "
+     "compute capability 8.0, 8.6, 8.9, 12.0"),
+])
+def test_rtx_plan_elsewhere_is_one_line(flavour, version, gpu, cc, says):
+    with pytest.raises(ValueError) as info:
+        check_sidecar(_rtx_sidecar(), version, gpu, cc, flavour=flavour, plan_path="plans/unet.plan")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("plan unet.plan ") and says in msg
+
+
+def test_full_tensorrt_plan_for_rtx_process_names_both():
+    with pytest.raises(ValueError) as info:
+        check_sidecar(_sidecar(), "1.7.1.116", "NVIDIA GeForce RTX 3060", "8.6", flavour="tensorrt_rtx",
+                      plan_path="plans/unet.plan")
+    assert str(info.value) == (
+        "plan unet.plan was built by TensorRT 10.8.0.43 on NVIDIA GeForce RTX 3060 (sm_86); this process uses "
+        "TensorRT for RTX 1.7.1.116: rebuild it with COURSE_TENSORRT=tensorrt_rtx python -m course_lib build "
+        "--onnx-dir onnx --out plans, or load it with COURSE_TENSORRT=tensorrt")

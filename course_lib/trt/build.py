@@ -6,6 +6,11 @@ optimization profiles, reuse a timing cache, build a *serialized* plan, and writ
 its JSON sidecar (:mod:`course_lib.trt.plan`). ``TRT8_TO_TRT10`` lists what changed since the
 original course scripts (TensorRT 8) and is shown in chapter 2's notebook.
 
+Either TensorRT flavour builds (:mod:`.flavour`). Full TensorRT builds on the GPU that will run the
+plan, timing kernels there (the timing cache keeps those timings for the next build). TensorRT for
+RTX builds *ahead of time* without a GPU, for a list of compute capabilities (its default: 8.0,
+8.6, 8.9, 12.0), and has no timing cache: asking for one raises one sentence saying so.
+
 FP16 comes from an FP16 ONNX and a strongly typed network (chapter 3). The old FP16 builder flag
 only exists on TensorRT 10.x and only for networks that are not strongly typed.
 """
@@ -17,12 +22,16 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .plan import PlanSidecar, atomic_write_bytes, file_sha256, write_sidecar
+from .flavour import RTX_DEFAULT_CCS, compute_capability_enum, flavour_of, is_rtx, label, require_feature
+from .network import parse_onnx, summarize_network
+from .plan import PlanSidecar, ahead_of_time_target, atomic_write_bytes, dotted_cc, file_sha256, normalize_cc, \
+    this_gpu, write_sidecar
 from .profiles import (
     Profile, check_profile, dynamic_profile, onnx_input_dims, profile_to_json, shapes_at, static_profile,
 )
 
 MODEL_FILES = ("clip", "controlnet", "unet", "decoder")
+_BUILT: list[dict] = []   # every plan this process built: {"plan", "tensorrt", "seconds", "bytes"}
 
 # (TensorRT 8 call in the original course scripts, its TensorRT 10/11 replacement)
 TRT8_TO_TRT10: list[tuple[str, str]] = [
@@ -58,13 +67,6 @@ def migration_table() -> str:
     width = max(len(old) for old, _ in TRT8_TO_TRT10)
     lines = [f"{'TensorRT 8 (original course)':<{width}}  TensorRT 10 / 11"]
     lines += [f"{old:<{width}}  {new}" for old, new in TRT8_TO_TRT10]
-    return "\n".join(lines)
-
-
-def parser_error_lines(errors: Sequence[tuple[str, str, str]], onnx_path: str | Path) -> str:
-    """One message listing ONNX parser errors, one ``node (op): description`` per line."""
-    lines = [f"TensorRT could not parse {onnx_path} ({len(errors)} error(s)):"]
-    lines += [f"  node {node or '?'} ({op or '?'}): {desc}" for node, op, desc in errors]
     return "\n".join(lines)
 
 
@@ -110,16 +112,27 @@ def _progress_monitor(trt):
     return TqdmMonitor()
 
 
+def built_plans() -> list[dict]:
+    """The plans this process has built so far (the test session prints how many)."""
+    return list(_BUILT)
+
+
 def build_engine_plan(onnx_path: str | Path, plan_path: str | Path, profiles: Profile | Sequence[Profile] = (),
                       workspace_gib: float = 10, opt_level: int = 3, timing_cache: str | Path | None = None,
                       fp16_flag: bool = False, strongly_typed: bool = True, log_level: str = "warning",
-                      progress: bool = True) -> PlanSidecar:
+                      progress: bool = True, tensorrt: str | None = None,
+                      compute_capabilities: Sequence[str] | None = None, user_allocation: bool = False) -> PlanSidecar:
     """Chapter 2: build one TensorRT plan from an ONNX file; returns the sidecar written beside it.
 
     ``profiles``: one ``{input: (min, opt, max)}`` or a list of them (see :mod:`.profiles`); inputs
     that are static in the ONNX may be left out. ``opt_level``: builder_optimization_level 0..5.
-    ``timing_cache``: a file loaded if present and saved (merged) after the build. ``fp16_flag``: the
-    TensorRT 10.x FP16 builder flag, only for ``strongly_typed=False`` (chapter 3 uses an FP16 ONNX).
+    ``timing_cache``: a file loaded if present and saved (merged) after the build (full TensorRT
+    only). ``fp16_flag``: the TensorRT 10.x FP16 builder flag, only for ``strongly_typed=False``
+    (chapter 3 uses an FP16 ONNX). ``tensorrt``: the flavour (None: ``$COURSE_TENSORRT`` or auto).
+    ``compute_capabilities``: TensorRT for RTX's targets, e.g. ``["8.6"]`` (default 8.0, 8.6, 8.9, 12.0).
+    ``user_allocation``: TensorRT for RTX's REQUIRE_USER_ALLOCATION flag, which the course's own CUDA-graph
+    capture (chapter 3) needs on its plans.
+    A flavour asked for what it lacks raises ``FeatureMissing`` (a ValueError), before any work.
     """
     from . import require_tensorrt
     from .logger import get_logger
@@ -130,26 +143,29 @@ def build_engine_plan(onnx_path: str | Path, plan_path: str | Path, profiles: Pr
     if not 0 <= opt_level <= 5:
         raise ValueError(f"opt_level {opt_level}: expected 0..5 (builder_optimization_level)")
     profiles = [profiles] if isinstance(profiles, Mapping) else list(profiles)
-    trt = require_tensorrt("building TensorRT plans (chapter 2)")
-    import torch
+    trt = require_tensorrt("building TensorRT plans (chapter 2)", tensorrt)
+    rtx = is_rtx(trt)
+    if timing_cache:
+        require_feature(trt, "timing_cache")
+    if compute_capabilities:
+        require_feature(trt, "compute_capability_targets")
+    if user_allocation:
+        require_feature(trt, "user_allocation")
+    if fp16_flag:
+        if strongly_typed:
+            raise ValueError("fp16_flag=True with a strongly typed network: export an FP16 ONNX instead "
+                             "(chapter 3), or pass strongly_typed=False on TensorRT 10")
+        require_feature(trt, "fp16_flag")
+    gpu, cc = this_gpu()
+    if not rtx and cc is None:
+        raise ValueError(f"{label(trt)} builds on the GPU that will run the plan and this machine has none: build "
+                         f"without a GPU with TensorRT for RTX (pip install tensorrt-rtx; COURSE_TENSORRT=tensorrt_rtx)")
 
-    logger = get_logger(log_level)
+    logger = get_logger(log_level, trt=trt)
     builder = trt.Builder(logger)
-    flags = 0
-    strongly_typed = strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    if strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        rows = [(e.node_name(), getattr(e, "node_operator", lambda: "")(), e.desc()) for e in errors]
-        raise ValueError(parser_error_lines(rows, onnx_path))
-
-    inputs = {}
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        inputs[tensor.name] = tuple(d if d >= 0 else "?" for d in tensor.shape)
+    network, parser = parse_onnx(trt, builder, onnx_path, logger, strongly_typed=strongly_typed)
+    parsed = summarize_network(trt, network, onnx_path)
+    inputs = {name: tuple(d if d >= 0 else "?" for d in shape) for name, shape in parsed.inputs.items()}
     for profile in profiles:
         check_profile(profile, inputs)
 
@@ -163,42 +179,55 @@ def build_engine_plan(onnx_path: str | Path, plan_path: str | Path, profiles: Pr
                 trt_profile.set_shape(name, mn, opt, mx)
             config.add_optimization_profile(trt_profile)
     if fp16_flag:
-        if strongly_typed:
-            raise ValueError("fp16_flag=True with a strongly typed network: export an FP16 ONNX instead "
-                             "(chapter 3), or pass strongly_typed=False on TensorRT 10")
-        if not hasattr(trt.BuilderFlag, "FP16"):
-            raise ValueError(f"TensorRT {trt.__version__} has no FP16 builder flag: export an FP16 ONNX (chapter 3)")
-        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(getattr(trt.BuilderFlag, "FP16"))   # TensorRT 10.x only: require_feature checked it
+    if user_allocation:
+        config.set_flag(getattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"))   # TensorRT for RTX only
+    if rtx:
+        targets = [dotted_cc(c) for c in (compute_capabilities or RTX_DEFAULT_CCS)]
+        if compute_capabilities:
+            config.num_compute_capabilities = len(targets)
+            for index, target in enumerate(targets):
+                if not config.set_compute_capability(compute_capability_enum(trt, target), index):
+                    raise ValueError(f"{label(trt)} refused compute capability {target} as a build target")
+        target = ahead_of_time_target(targets) + (f" (built on {gpu})" if gpu else "")
+    else:
+        targets, target = [dotted_cc(cc)], f"{gpu} (compute capability {dotted_cc(cc)})"
     cache_path = Path(timing_cache) if timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    if cache_path is not None:
+        cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
     monitor = _progress_monitor(trt) if progress else None
     if monitor is not None:
         config.progress_monitor = monitor
 
-    print(f"building {plan_path.name} from {onnx_path.name} (opt level {opt_level}); this can take minutes ...")
+    print(f"building {plan_path.name} from {onnx_path.name} with {label(trt)} (opt level {opt_level}, "
+          f"{'ahead of time' if rtx else 'on ' + str(gpu)}); this can take minutes ...")
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
+    del parser
     if serialized is None:
-        recent = "; ".join(list(getattr(logger, "errors", []))[-3:]) or "see the TensorRT log above"
-        raise RuntimeError(f"TensorRT could not build {plan_path.name} from {onnx_path}: {recent}")
+        recent = " | ".join(" ".join(m.split()) for m in list(getattr(logger, "errors", []))[-2:])
+        raise RuntimeError(f"{label(trt)} could not build {plan_path.name} from {onnx_path}: "
+                           f"{recent or 'see the TensorRT log above'}")
     atomic_write_bytes(plan_path, serialized)
     if cache_path is not None:
         _save_timing_cache(config, cache_path)
 
-    device = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(device)
     sidecar = PlanSidecar(
-        plan=plan_path.name, tensorrt=trt.__version__, gpu=torch.cuda.get_device_name(device),
-        compute_capability=f"{major}{minor}", profiles=[profile_to_json(p) for p in profiles if p],
+        plan=plan_path.name, tensorrt=trt.__version__, gpu=gpu or "", compute_capability=",".join(
+            normalize_cc(t) for t in targets), profiles=[profile_to_json(p) for p in profiles if p],
         precision="fp16 builder flag" if fp16_flag else f"as in the ONNX ({onnx_precision(onnx_path)})",
-        builder_optimization_level=opt_level, workspace_gib=workspace_gib, strongly_typed=strongly_typed,
+        builder_optimization_level=opt_level, workspace_gib=workspace_gib, strongly_typed=parsed.strongly_typed,
         build_seconds=round(seconds, 2), built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         onnx_path=str(onnx_path), onnx_sha256=file_sha256(onnx_path),
+        extra={"layers": parsed.layers, "layer_types": parsed.census, "user_allocation": user_allocation},
+        flavour=flavour_of(trt), target=target, compute_capabilities=[normalize_cc(t) for t in targets],
     )
     write_sidecar(plan_path, sidecar)
-    print(f"built {plan_path} in {seconds:.0f} s ({plan_path.stat().st_size / 2**20:.1f} MiB)")
+    size = plan_path.stat().st_size
+    _BUILT.append({"plan": str(plan_path), "tensorrt": label(trt), "seconds": round(seconds, 2), "bytes": size})
+    print(f"built {plan_path} in {seconds:.0f} s ({size / 2**20:.1f} MiB)")
     return sidecar
 
 
@@ -219,7 +248,8 @@ def build_plans(onnx_dir: str | Path, out_dir: str | Path, profile: str = "stati
 
     ``profile="static"``: every input fixed at ``batch`` x ``height`` x ``width`` (the course's way);
     ``"dynamic"``: batch 1..``max_batch`` and images from ``min_size`` to ``max_size`` (H, W), tuned
-    for ``batch`` x ``height`` x ``width``. Other keyword arguments go to :func:`build_engine_plan`.
+    for ``batch`` x ``height`` x ``width``. Other keyword arguments (``tensorrt``, ``workspace_gib``,
+    ``compute_capabilities``, ...) go to :func:`build_engine_plan`.
     This is what ``python -m course_lib build`` runs.
     """
     if profile not in ("static", "dynamic"):

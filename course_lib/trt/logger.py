@@ -4,7 +4,9 @@ TensorRT's own ``trt.Logger`` prints from C++, which a notebook (and nbval) cann
 course's logger is a ``trt.ILogger`` subclass whose ``log`` hands each message to the Python logger
 ``course_lib.trt`` instead. It also keeps the last errors, so a failed build can quote them.
 
-``tensorrt`` is imported lazily, so the subclass is made by a factory: :func:`get_logger`.
+TensorRT is imported lazily, so the subclass is made by a factory: :func:`get_logger`. There is one
+subclass (and one process-wide logger) per TensorRT flavour, since ``tensorrt.ILogger`` and
+``tensorrt_rtx.ILogger`` are different classes.
 """
 from __future__ import annotations
 
@@ -54,17 +56,16 @@ def _python_logger(name: str, threshold: int) -> logging.Logger:
     return py_logger
 
 
-_CLASS = None
-_DEFAULT = None
+_CLASSES: dict[str, type] = {}    # flavour -> its ILogger subclass
+_DEFAULTS: dict[str, object] = {}  # flavour -> the process-wide logger
 
 
-def _logger_class():
-    """Make the ``trt.ILogger`` subclass once (needs tensorrt)."""
-    global _CLASS
-    if _CLASS is None:
-        from course_lib.trt import require_tensorrt
+def _logger_class(trt):
+    """Make the ``trt.ILogger`` subclass of this flavour once."""
+    from .flavour import flavour_of
 
-        trt = require_tensorrt()
+    name = flavour_of(trt)
+    if name not in _CLASSES:
 
         class PythonLogger(trt.ILogger):
             """A ``trt.ILogger`` that forwards to Python ``logging``."""
@@ -86,23 +87,36 @@ def _logger_class():
                 self.threshold = severity_value(min_severity)
                 self.py_logger.setLevel(python_level(self.threshold))
 
-        _CLASS = PythonLogger
-    return _CLASS
+        _CLASSES[name] = PythonLogger
+    return _CLASSES[name]
 
 
-def make_logger(min_severity: str = "warning", name: str = LOGGER_NAME):
-    """Chapter 2: a new TensorRT logger that logs at ``min_severity`` and above through ``logging``."""
-    return _logger_class()(min_severity, name)
+def make_logger(min_severity: str = "warning", name: str = LOGGER_NAME, trt=None):
+    """Chapter 2: a new TensorRT logger that logs at ``min_severity`` and above through ``logging``.
+
+    ``trt``: the TensorRT module (default: the flavour in force, :func:`course_lib.trt.require_tensorrt`).
+    """
+    if trt is None:
+        from course_lib.trt import require_tensorrt
+
+        trt = require_tensorrt()
+    return _logger_class(trt)(min_severity, name)
 
 
-def get_logger(min_severity: str | None = None):
-    """Chapter 2: the process-wide TensorRT logger (TensorRT wants one logger for all objects).
+def get_logger(min_severity: str | None = None, trt=None):
+    """Chapter 2: the process-wide TensorRT logger of a flavour (TensorRT wants one logger for all objects).
 
     ``min_severity`` (``"error"``, ``"warning"``, ``"info"``, ``"verbose"``) changes its level.
     """
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = make_logger(min_severity or "warning")
+    if trt is None:
+        from course_lib.trt import require_tensorrt
+
+        trt = require_tensorrt()
+    from .flavour import flavour_of
+
+    logger = _DEFAULTS.get(flavour_of(trt))
+    if logger is None:
+        logger = _DEFAULTS[flavour_of(trt)] = make_logger(min_severity or "warning", trt=trt)
     elif min_severity is not None:
-        _DEFAULT.set_level(min_severity)
-    return _DEFAULT
+        logger.set_level(min_severity)
+    return logger
