@@ -9,6 +9,14 @@ tensors, so the pipeline hands them around without copies.
     engine.allocate_buffers()                       # static plan: shapes come from the plan
     out = engine.infer(feed)                        # {name: tensor}; chapter 3: use_cuda_graph=True
 
+Both TensorRT flavours (:mod:`.flavour`). ``load()`` checks the plan's sidecar first (flavour,
+version, GPU: one line saying which differs), before TensorRT deserializes anything. With TensorRT
+for RTX, ``activate()`` goes through the engine's runtime config: the runtime cache of JIT-compiled
+kernels is kept beside the plan (:mod:`.runtime_cache`), and ``Engine(..., tensorrt_graphs=True)``
+lets TensorRT for RTX capture CUDA graphs itself (its CUDA-graph strategy) instead of the course's
+capture (``infer(..., use_cuda_graph=True)``). The TensorRT for RTX runtime path is unverified on a
+GPU: the course's CI has no RTX-class GPU (see chapter 2).
+
 :func:`check_feed` (pure, tested on CPU) is the check every ``infer`` does first.
 """
 from __future__ import annotations
@@ -81,36 +89,63 @@ def shared_device_memory(engines: Sequence["Engine"], device: str = "cuda") -> t
 class Engine:
     """Chapter 2: one TensorRT plan, its execution context and its buffers (torch tensors by name)."""
 
-    def __init__(self, plan_path: str | Path, check_sidecar: bool = True, strict_gpu: bool = False) -> None:
+    def __init__(self, plan_path: str | Path, check_sidecar: bool = True, strict_gpu: bool = False,
+                 tensorrt: str | None = None, runtime_cache: bool | str | Path | None = None,
+                 tensorrt_graphs: bool = False) -> None:
+        """``tensorrt``: the flavour (None: ``$COURSE_TENSORRT`` or auto). ``runtime_cache``: None uses
+        TensorRT for RTX's runtime cache beside the plan where the flavour has one; True insists on it,
+        a path puts it there, False turns it off. ``tensorrt_graphs``: TensorRT for RTX's own CUDA-graph
+        strategy (whole-graph capture). Both raise ``FeatureMissing`` on full TensorRT when asked for."""
         self.plan_path = Path(plan_path)
         self.check_sidecar = check_sidecar
         self.strict_gpu = strict_gpu
+        self.tensorrt = tensorrt
+        self.runtime_cache = runtime_cache
+        self.tensorrt_graphs = tensorrt_graphs
+        self.trt = None
         self.engine = None
         self.context = None
+        self.cache_file = None            # RuntimeCacheFile (TensorRT for RTX)
+        self._runtime_config = None       # kept alive as long as the context
+        self._cache_saved_for = None
         self.tensors: dict[str, torch.Tensor] = {}
         self.graph = CudaGraphRunner(self.plan_path.name)
         self.last_action: GraphAction | None = None
         self._shared_memory: torch.Tensor | None = None
 
     def load(self) -> "Engine":
-        """Check the plan's sidecar against this machine, then deserialize the plan."""
+        """Check the plan's sidecar against this process and GPU, then deserialize the plan."""
         from . import require_tensorrt
+        from .flavour import engine_validity, flavour_of, label
         from .logger import get_logger
-        from .plan import check_sidecar, read_sidecar
+        from .plan import check_sidecar, read_sidecar, rebuild_command, this_gpu
 
         if not self.plan_path.is_file():
             raise FileNotFoundError(f"plan {self.plan_path} not found: build it with python -m course_lib build")
-        trt = require_tensorrt("running TensorRT plans (chapter 2)")
-        if self.check_sidecar:
-            major, minor = torch.cuda.get_device_capability()
-            check_sidecar(read_sidecar(self.plan_path), trt.__version__, torch.cuda.get_device_name(),
-                          (major, minor), plan_path=self.plan_path, strict_gpu=self.strict_gpu)
-        logger = get_logger()
+        trt = require_tensorrt("running TensorRT plans (chapter 2)", self.tensorrt)
+        gpu, cc = this_gpu()
+        sidecar = read_sidecar(self.plan_path) if self.check_sidecar else None
+        if sidecar is not None:
+            check_sidecar(sidecar, trt.__version__, gpu, cc, flavour=flavour_of(trt), plan_path=self.plan_path,
+                          strict_gpu=self.strict_gpu)
+        elif cc is None:
+            raise RuntimeError(f"plan {self.plan_path.name} needs a CUDA GPU to run and this machine has none")
+        if self.tensorrt_graphs:
+            from .flavour import require_feature
+
+            require_feature(trt, "cuda_graph_strategy")
+        logger = get_logger(trt=trt)
+        self.trt = trt
         self.runtime = trt.Runtime(logger)
-        self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        plan_bytes = self.plan_path.read_bytes()
+        invalid = engine_validity(trt, self.runtime, plan_bytes)      # TensorRT for RTX: the plan's header
+        if invalid is not None:
+            fix = f": rebuild it with {rebuild_command(sidecar, self.plan_path)}" if sidecar is not None else ""
+            raise ValueError(f"plan {self.plan_path.name}: {label(trt)} says it is {invalid}{fix}")
+        self.engine = self.runtime.deserialize_cuda_engine(plan_bytes)
         if self.engine is None:
-            errors = "; ".join(list(logger.errors)[-3:]) or "see the TensorRT log"
-            raise RuntimeError(f"TensorRT could not deserialize {self.plan_path}: {errors}")
+            errors = " | ".join(" ".join(m.split()) for m in list(logger.errors)[-2:]) or "see the TensorRT log"
+            raise RuntimeError(f"{label(trt)} could not deserialize {self.plan_path}: {errors}")
         return self
 
     @property
@@ -123,37 +158,57 @@ class Engine:
         """Create the execution context; with ``shared_device_memory`` (a CUDA tensor) it uses that block.
 
         TensorRT 10 replaced ``create_execution_context_without_device_memory`` with the
-        USER_MANAGED allocation strategy plus ``set_device_memory(ptr, size)``.
+        USER_MANAGED allocation strategy plus ``set_device_memory(ptr, size)``. Where the engine has
+        a runtime config (TensorRT for RTX, recent TensorRT 10), the context is made from one: it
+        carries the allocation strategy, the runtime cache and the CUDA-graph strategy.
         """
-        from . import require_tensorrt
+        from .flavour import has_feature, require_feature, whole_graph_strategy
+        from .runtime_cache import RuntimeCacheFile, runtime_cache_path
 
         if self.engine is None:
             self.load()
-        if shared_device_memory is None:
-            self.context = self.engine.create_execution_context()
-        else:
-            trt = require_tensorrt()
+        trt = self.trt
+        want_cache = self.runtime_cache is not False and (self.runtime_cache is not None
+                                                          or has_feature(trt, "runtime_cache"))
+        if want_cache:
+            require_feature(trt, "runtime_cache")
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED if shared_device_memory is not None else None
+        if shared_device_memory is not None:
             nbytes = shared_device_memory.numel() * shared_device_memory.element_size()
             if not shared_device_memory.is_cuda or nbytes < self.device_memory_size:
                 raise ValueError(f"shared device memory: expected a CUDA tensor of at least "
                                  f"{self.device_memory_size} bytes for {self.plan_path.name}, "
                                  f"got {nbytes} bytes on {shared_device_memory.device}")
-            strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-            if hasattr(self.engine, "create_runtime_config"):
-                config = self.engine.create_runtime_config()
+        if hasattr(self.engine, "create_runtime_config"):
+            config = self.engine.create_runtime_config()
+            if strategy is not None:
                 config.set_execution_context_allocation_strategy(strategy)
-                self.context = self.engine.create_execution_context(config)
-            else:
-                self.context = self.engine.create_execution_context(strategy)
+            if want_cache:
+                path = runtime_cache_path(self.plan_path) if self.runtime_cache in (None, True) else self.runtime_cache
+                self.cache_file = RuntimeCacheFile(trt, config, path)
+            if self.tensorrt_graphs:
+                config.cuda_graph_strategy = whole_graph_strategy(trt)
+            self._runtime_config = config
+            self.context = self.engine.create_execution_context(config)
+        elif strategy is not None:
+            self.context = self.engine.create_execution_context(strategy)
+        else:
+            self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {self.plan_path.name}")
+        if shared_device_memory is not None:
+            nbytes = shared_device_memory.numel() * shared_device_memory.element_size()
             if hasattr(self.context, "set_device_memory"):
                 self.context.set_device_memory(shared_device_memory.data_ptr(), nbytes)
             else:
                 self.context.device_memory = shared_device_memory.data_ptr()
             self._shared_memory = shared_device_memory  # keep it alive as long as the context
-        if self.context is None:
-            raise RuntimeError(f"TensorRT could not create an execution context for {self.plan_path.name}")
         self.graph.policy.reset()
         return self
+
+    def save_runtime_cache(self) -> Path | None:
+        """TensorRT for RTX: write the runtime cache beside the plan now (``infer`` does it after compiling)."""
+        return self.cache_file.save() if self.cache_file is not None else None
 
     def _need(self, what: str) -> None:
         if getattr(self, what) is None:
@@ -233,8 +288,12 @@ class Engine:
         when they change; a static plan raises ValueError for other shapes). The returned tensors are the
         engine's own output buffers, overwritten by the next call (``.clone()`` what you keep), and
         ready on ``stream`` (a ``torch.cuda.Stream``, a raw handle, or None for the current stream).
-        Chapter 3: ``use_cuda_graph=True`` warms up, captures, then replays (see ``cudagraph``).
+        Chapter 3: ``use_cuda_graph=True`` warms up, captures, then replays (see ``cudagraph``); an
+        Engine made with ``tensorrt_graphs=True`` leaves that to TensorRT for RTX (one capture at a time).
         """
+        if use_cuda_graph and self.tensorrt_graphs:
+            raise ValueError(f"{self.plan_path.name}: use_cuda_graph=True with tensorrt_graphs=True: TensorRT for RTX "
+                             f"already captures CUDA graphs itself; choose one")
         if self.context is None:
             self.activate()
         inputs = self.input_names
@@ -258,7 +317,15 @@ class Engine:
         for name, tensor in self.tensors.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
         key = tuple((name, tuple(t.shape), t.data_ptr()) for name, t in self.tensors.items())
+        if use_cuda_graph and hasattr(self.context, "is_stream_capturable") \
+                and not self.context.is_stream_capturable(stream.cuda_stream):
+            raise ValueError(f"{self.plan_path.name}: this execution context cannot be stream-captured (a TensorRT for "
+                             f"RTX plan needs build_engine_plan(..., user_allocation=True)): rebuild it so, or use "
+                             f"Engine(..., tensorrt_graphs=True), TensorRT for RTX's own CUDA graphs")
         self.last_action = self.graph.run(self._enqueue, key, stream, use_cuda_graph)
+        if self.cache_file is not None and self._cache_saved_for != key:   # new shapes: new JIT kernels
+            self.cache_file.save()
+            self._cache_saved_for = key
         return {name: self.tensors[name] for name in self.output_names}
 
     def _enqueue(self, stream_handle: int) -> None:
