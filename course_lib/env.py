@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 INSTALL_HINTS = {
     "tensorrt": "TensorRT's Python package (pip install tensorrt-cu13, or the environment.yml of this course) "
                 "on a machine with an NVIDIA GPU",
+    "tensorrt_rtx": "TensorRT for RTX (pip install tensorrt-rtx; its builder needs no GPU, its plans run on "
+                    "compute capability 8.0/8.6/8.9/12.0)",
     "cuda": "cuda-python (pip install cuda-python)",
     "polygraphy": "Polygraphy (pip install polygraphy)",
     "modelopt": "NVIDIA ModelOpt (pip install nvidia-modelopt[onnx]; keep it out of a CPU venv: it pulls onnxruntime-gpu)",
@@ -60,14 +62,28 @@ class Environment:
     ort_providers: list[str] = field(default_factory=list)
     cuda_python: bool = False
     polygraphy: str | None = None
+    tensorrt_rtx: str | None = None          # TensorRT for RTX's version (course_lib.trt.flavour)
 
     @property
     def has_gpu(self) -> bool:
         return self.cuda_available
 
+    def _flavours(self) -> dict[str, str | None]:
+        return {"tensorrt": self.tensorrt, "tensorrt_rtx": self.tensorrt_rtx}
+
     @property
     def has_tensorrt(self) -> bool:
-        return self.tensorrt is not None and self.cuda_available
+        """A TensorRT that runs plans here: full TensorRT with a GPU, or TensorRT for RTX with a GPU it targets."""
+        from .trt.flavour import can_run
+
+        return any(can_run(name, v, self.compute_capability) for name, v in self._flavours().items())
+
+    @property
+    def has_trt_builder(self) -> bool:
+        """A TensorRT builder that works here: TensorRT for RTX (no GPU needed), or full TensorRT with a GPU."""
+        from .trt.flavour import can_build
+
+        return any(can_build(name, v, self.compute_capability) for name, v in self._flavours().items())
 
     def rows(self) -> list[tuple[str, str]]:
         yes = lambda b: "yes" if b else "no"  # noqa: E731
@@ -76,12 +92,18 @@ class Environment:
             ("torch", self.torch),
             ("CUDA GPU", f"{self.gpu_name} (sm_{self.compute_capability})" if self.cuda_available else "none"),
             ("CUDA runtime (torch)", self.cuda_runtime or "-"),
-            ("TensorRT", self.tensorrt or "not installed"),
+            ("TensorRT (tensorrt)", self._flavour_line("tensorrt")),
+            ("TensorRT for RTX (tensorrt_rtx)", self._flavour_line("tensorrt_rtx")),
             ("cuda-python", yes(self.cuda_python)),
             ("polygraphy", self.polygraphy or "not installed"),
             ("onnxruntime", self.onnxruntime or "not installed"),
             ("ORT providers", ", ".join(self.ort_providers) or "-"),
         ]
+
+    def _flavour_line(self, name: str) -> str:
+        from .trt.flavour import status_line
+
+        return status_line(name, self._flavours()[name], self.gpu_name, self.compute_capability)
 
     def skipped_cells(self) -> list[str]:
         """Which notebook cell tags will be skipped on this machine (see notebooks/conftest.py)."""
@@ -90,6 +112,8 @@ class Environment:
             tags.append("requires-gpu")
         if not self.has_tensorrt:
             tags.append("requires-tensorrt")
+        if not self.has_trt_builder:
+            tags.append("requires-trt-builder")
         return tags
 
     def report(self) -> str:
@@ -111,7 +135,7 @@ def _version(name: str) -> str | None:
 
 
 def detect() -> Environment:
-    """Chapter 1: look at this machine once (torch, CUDA, TensorRT, ONNX Runtime)."""
+    """Chapter 1: look at this machine once (torch, CUDA, both TensorRT flavours, ONNX Runtime)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -134,6 +158,7 @@ def detect() -> Environment:
         compute_capability=cc,
         cuda_runtime=torch.version.cuda,
         tensorrt=_version("tensorrt"),
+        tensorrt_rtx=_version("tensorrt_rtx"),
         onnxruntime=ort,
         ort_providers=providers,
         cuda_python=has_module("cuda.bindings") if has_module("cuda") else False,

@@ -1,8 +1,9 @@
 """How nbval runs the chapter notebooks (``python -m pytest --nbval``).
 
-- Cells tagged ``requires-gpu`` / ``requires-tensorrt`` are SKIPPED, with the reason shown, where
-  this machine lacks the hardware, and FAIL instead when the environment demands it
-  (``COURSE_REQUIRE=gpu,tensorrt``). Cells tagged ``interactive`` are always skipped.
+- Cells tagged ``requires-gpu`` / ``requires-tensorrt`` (a TensorRT that runs plans here) /
+  ``requires-trt-builder`` (a TensorRT builder: TensorRT for RTX gives one on any CPU) are SKIPPED,
+  with the reason shown, where this machine lacks it, and FAIL instead when the environment demands
+  it (``COURSE_REQUIRE=gpu,tensorrt,trt-builder``). Cells tagged ``interactive`` are always skipped.
   The remaining cells still run, in the same kernel.
 - ``stderr`` outputs are not compared (warnings and progress bars go there).
 - Every kernel first runs tools/build_notebooks.py's KERNEL_SETUP silently (inline PNG figures),

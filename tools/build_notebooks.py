@@ -3,8 +3,9 @@
 Chapters are authored as percent-format sources, ``notebooks/src/NN_name.py``; this tool turns each
 into ``notebooks/NN_name.ipynb`` and runs it top to bottom with nbclient, in the Python that runs the
 tool, with ``notebooks/`` as the working directory. Cells tagged for hardware this machine lacks
-(``requires-gpu``, ``requires-tensorrt``) and ``interactive`` cells are not run: they are stored
-with no outputs, or, with ``--keep-outputs-of-tagged``, with the outputs a GPU machine stored before.
+(``requires-gpu``, ``requires-tensorrt``, ``requires-trt-builder``) and ``interactive`` cells are not
+run: they are stored with no outputs, or, with ``--keep-outputs-of-tagged``, with the outputs a GPU
+machine stored before.
 
     python tools/build_notebooks.py                      # build every chapter
     python tools/build_notebooks.py --only 01_export     # one chapter (repeatable)
@@ -26,9 +27,12 @@ NOTEBOOKS = REPO / "notebooks"
 SOURCES = NOTEBOOKS / "src"
 
 # tag -> (capability it needs, why it is skipped where that is missing)
+# "tensorrt": a TensorRT that runs plans here (a GPU it supports); "trt-builder": a TensorRT builder,
+# which TensorRT for RTX gives on any CPU (pip install tensorrt-rtx) -- cells that only build plans
 HARDWARE_TAGS = {
     "requires-gpu": ("gpu", "needs a CUDA GPU"),
     "requires-tensorrt": ("tensorrt", "needs TensorRT"),
+    "requires-trt-builder": ("trt-builder", "needs a TensorRT builder (pip install tensorrt-rtx)"),
 }
 # a cell that needs a person (it serves Netron on 127.0.0.1, opens a browser, waits for input):
 # never run by this tool or by nbval
@@ -43,7 +47,7 @@ KNOWN_TAGS = frozenset({
     "nbval-skip",            # nbval does not run the cell (this tool still does)
     "hide-input", "hide-output", "remove-input", "remove-output", "remove-cell",  # rendering only
 })
-CAPABILITIES = ("gpu", "tensorrt")
+CAPABILITIES = ("gpu", "tensorrt", "trt-builder")
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -67,7 +71,7 @@ def cell_tags(cell) -> list[str]:
 def cell_plan(tags, have: set[str], demanded: set[str]) -> tuple[str, str]:
     """Decide what happens to a cell with these tags on this machine.
 
-    ``have``: capabilities present ({"gpu", "tensorrt"} or a subset); ``demanded``: capabilities the
+    ``have``: capabilities present (a subset of :data:`CAPABILITIES`); ``demanded``: capabilities the
     environment insists on (COURSE_REQUIRE). Returns ``("run", "")``, ``("skip", reason)`` or
     ``("fail", reason)`` -- fail when a demanded capability is missing.
     """
@@ -89,17 +93,18 @@ def machine_capabilities() -> tuple[set[str], set[str]]:
     from course_lib import env
 
     found = env.detect()
-    have = {c for c, ok in (("gpu", found.has_gpu), ("tensorrt", found.has_tensorrt)) if ok}
+    have = {c for c, ok in (("gpu", found.has_gpu), ("tensorrt", found.has_tensorrt),
+                            ("trt-builder", found.has_trt_builder)) if ok}
     return have, demanded_capabilities(env.required_capabilities())
 
 
 def demanded_capabilities(raw: set[str]) -> set[str]:
-    """Validate COURSE_REQUIRE's entries; requiring tensorrt also requires a GPU."""
+    """Validate COURSE_REQUIRE's entries; requiring tensorrt also requires a GPU and a builder."""
     unknown = sorted(raw - set(CAPABILITIES))
     if unknown:
         raise ValueError(f"COURSE_REQUIRE names unknown capability {unknown[0]!r}: "
                          f"expected a comma-separated subset of {', '.join(CAPABILITIES)}")
-    return set(raw) | ({"gpu"} if "tensorrt" in raw else set())
+    return set(raw) | ({"gpu", "trt-builder"} if "tensorrt" in raw else set())
 
 
 # --- source -> notebook ---------------------------------------------------------------------
