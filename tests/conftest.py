@@ -46,3 +46,16 @@ def _fake_hw2_sweep(folder, tensorrt="10.8.0.43", gpu=TEST_GPU["name"], graph_fa
 def fake_hw2_sweep():
     """A function writing hw2_sweep's output into a folder (see :func:`_fake_hw2_sweep`); returns the folder."""
     return _fake_hw2_sweep
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many real TensorRT plans this session built (tests/test_trt_builds.py and others)."""
+    import sys
+
+    build = sys.modules.get("course_lib.trt.build")
+    plans = build.built_plans() if build is not None else []
+    flavours = ", ".join(sorted({p["tensorrt"] for p in plans})) or "no TensorRT builder ran"
+    seconds = sum(p["seconds"] for p in plans)
+    terminalreporter.write_sep("-", "TensorRT builds")
+    terminalreporter.write_line(f"TensorRT plans built by this test session: {len(plans)} ({flavours}; "
+                                f"{seconds:.0f} s in build_serialized_network)")
