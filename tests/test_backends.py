@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.backends import (
-    Backend, OrtBackend, TorchBackend, TrtBackend, check_feed, default_providers,
-)
+from course_lib.backends import Backend, OrtBackend, TorchBackend, TrtBackend, check_feed
+from course_lib.onnx.session import default_providers
 from course_lib.cnsd.contract import ModelContract, TensorSpec
 from course_lib.env import MissingDependency, detect, has_module
 

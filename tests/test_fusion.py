@@ -14,7 +14,7 @@ from course_lib.cnsd.fusion import (
     FusedAttention, FusionReport, NaiveFusedAttention, attention_layer_counts, build_fused_in_init,
     count_attention_matmuls, expected_matmul_counts, fuse_qkv, time_attention, unfuse_qkv,
 )
-from course_lib.onnx_export import export_onnx
+from course_lib.onnx.export import export_onnx
 
 TINY = get_config("tiny")
 

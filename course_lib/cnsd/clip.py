@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import CLIPTextConfig
+from course_lib.cnsd.config import CLIPTextConfig
 
 MASK_VALUE = -1.0e4
 

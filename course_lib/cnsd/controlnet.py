@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ControlNetConfig
-from .unet import TimestepEmbedSequential, build_encoder, build_time_embed, timestep_embedding
+from course_lib.cnsd.config import ControlNetConfig
+from course_lib.cnsd.unet import TimestepEmbedSequential, build_encoder, build_time_embed, timestep_embedding
 
 
 def build_hint_block(cfg: ControlNetConfig) -> TimestepEmbedSequential:

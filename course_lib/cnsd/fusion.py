@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossAttention
-from .config import CNSDConfig
-from .contract import contracts, example_inputs
+from course_lib.cnsd.attention import CrossAttention
+from course_lib.cnsd.config import CNSDConfig
+from course_lib.cnsd.contract import contracts, example_inputs
 
 
 class FusedLinear(nn.Module):
@@ -218,7 +218,7 @@ def build_fused_in_init(config: CNSDConfig, seed: int = 0) -> nn.Module:
     The rest of the model is ``build_cnsd(config, seed)``; each attention layer is built fresh, as a
     BasicTransformerBlock creating fused layers would do. Load a checkpoint into it to see the pitfall.
     """
-    from .model import build_cnsd
+    from course_lib.cnsd.model import build_cnsd
 
     model = build_cnsd(config, seed)
     with torch.random.fork_rng(devices=[]):
@@ -238,8 +238,8 @@ MATMUL_KEYS = ("self_layers", "cross_layers", "self_projection", "cross_projecti
 
 def attention_layer_counts(config: CNSDConfig, model_name: str) -> tuple[int, int]:
     """Chapter 4: (self-attention, cross-attention) layers of "controlnet" or "unet" (sd15: 7+7, 16+16)."""
-    from .controlnet import ControlNet
-    from .unet import ControlledUnet
+    from course_lib.cnsd.controlnet import ControlNet
+    from course_lib.cnsd.unet import ControlledUnet
 
     builders = {"controlnet": lambda: ControlNet(config.controlnet), "unet": lambda: ControlledUnet(config.unet)}
     if model_name not in builders:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .clip import CLIPTextModel
-from .config import CNSDConfig
-from .contract import MODEL_NAMES, NUM_CONTROLS
-from .controlnet import ControlNet
-from .init import randomize_weights
-from .unet import ControlledUnet
-from .vae import VAEDecoder
+from course_lib.cnsd.clip import CLIPTextModel
+from course_lib.cnsd.config import CNSDConfig
+from course_lib.cnsd.contract import MODEL_NAMES, NUM_CONTROLS
+from course_lib.cnsd.controlnet import ControlNet
+from course_lib.cnsd.init import randomize_weights
+from course_lib.cnsd.unet import ControlledUnet
+from course_lib.cnsd.vae import VAEDecoder
 
 
 # the original zero-initialises the ends of residual branches; random weights there are scaled down by this

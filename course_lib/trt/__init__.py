@@ -35,11 +35,11 @@ def tensorrt_version() -> str | None:
         return None
 
 
-from .build import TRT8_TO_TRT10, build_engine_plan, build_plans, migration_table  # noqa: E402
-from .cudagraph import CudaGraphRunner, GraphAction, GraphPolicy, GraphState, TorchGraphed  # noqa: E402
-from .engine import Engine, check_feed, shared_device_memory, torch_dtype  # noqa: E402
-from .plan import PlanSidecar, check_sidecar, read_sidecar, sidecar_path, write_sidecar  # noqa: E402
-from .profiles import (  # noqa: E402
+from course_lib.trt.build import TRT8_TO_TRT10, build_engine_plan, build_plans, migration_table  # noqa: E402
+from course_lib.trt.cudagraph import CudaGraphRunner, GraphAction, GraphPolicy, GraphState, TorchGraphed  # noqa: E402
+from course_lib.trt.engine import Engine, check_feed, shared_device_memory, torch_dtype  # noqa: E402
+from course_lib.trt.plan import PlanSidecar, check_sidecar, read_sidecar, sidecar_path, write_sidecar  # noqa: E402
+from course_lib.trt.profiles import (  # noqa: E402
     check_profile, dims_from_contract, dynamic_profile, onnx_input_dims, profile_table, shapes_at, static_profile,
 )
 

@@ -17,12 +17,14 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .plan import PlanSidecar, atomic_write_bytes, file_sha256, write_sidecar
-from .profiles import (
+from course_lib.cnsd.contract import MODEL_NAMES
+from course_lib.files import atomic_write_bytes, sha256_file
+from course_lib.trt.plan import PlanSidecar, write_sidecar
+from course_lib.trt.profiles import (
     Profile, check_profile, dynamic_profile, onnx_input_dims, profile_to_json, shapes_at, static_profile,
 )
 
-MODEL_FILES = ("clip", "controlnet", "unet", "decoder")
+MODEL_FILES = MODEL_NAMES
 
 # (TensorRT 8 call in the original course scripts, its TensorRT 10/11 replacement)
 TRT8_TO_TRT10: list[tuple[str, str]] = [
@@ -121,8 +123,8 @@ def build_engine_plan(onnx_path: str | Path, plan_path: str | Path, profiles: Pr
     ``timing_cache``: a file loaded if present and saved (merged) after the build. ``fp16_flag``: the
     TensorRT 10.x FP16 builder flag, only for ``strongly_typed=False`` (chapter 3 uses an FP16 ONNX).
     """
-    from . import require_tensorrt
-    from .logger import get_logger
+    from course_lib.trt import require_tensorrt
+    from course_lib.trt.logger import get_logger
 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
@@ -195,7 +197,7 @@ def build_engine_plan(onnx_path: str | Path, plan_path: str | Path, profiles: Pr
         precision="fp16 builder flag" if fp16_flag else f"as in the ONNX ({onnx_precision(onnx_path)})",
         builder_optimization_level=opt_level, workspace_gib=workspace_gib, strongly_typed=strongly_typed,
         build_seconds=round(seconds, 2), built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        onnx_path=str(onnx_path), onnx_sha256=file_sha256(onnx_path),
+        onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
     )
     write_sidecar(plan_path, sidecar)
     print(f"built {plan_path} in {seconds:.0f} s ({plan_path.stat().st_size / 2**20:.1f} MiB)")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .cudagraph import CudaGraphRunner, GraphAction
+from course_lib.trt.cudagraph import CudaGraphRunner, GraphAction
 
 # TensorRT DataType member name -> torch dtype (looked up by name: no TensorRT needed)
 TRT_TO_TORCH = {
@@ -94,9 +94,9 @@ class Engine:
 
     def load(self) -> "Engine":
         """Check the plan's sidecar against this machine, then deserialize the plan."""
-        from . import require_tensorrt
-        from .logger import get_logger
-        from .plan import check_sidecar, read_sidecar
+        from course_lib.trt import require_tensorrt
+        from course_lib.trt.logger import get_logger
+        from course_lib.trt.plan import check_sidecar, read_sidecar
 
         if not self.plan_path.is_file():
             raise FileNotFoundError(f"plan {self.plan_path} not found: build it with python -m course_lib build")
@@ -125,7 +125,7 @@ class Engine:
         TensorRT 10 replaced ``create_execution_context_without_device_memory`` with the
         USER_MANAGED allocation strategy plus ``set_device_memory(ptr, size)``.
         """
-        from . import require_tensorrt
+        from course_lib.trt import require_tensorrt
 
         if self.engine is None:
             self.load()

@@ -9,7 +9,7 @@ INT8 types only (no uint8), zero point 0 (symmetric), Q/DQ from the standard ONN
    TensorRT; "max" or "entropy" ranges) when it is installed, or ONNX Runtime's ``quantize_static`` with
    the settings in :data:`ORT_TRT_OPTIONS` (QDQ format, QInt8 activations and weights, symmetric, bias
    left float, per-channel weights, Q/DQ on the inputs of the weighted layers only; "max" ranges).
-   Ranges come from recorded inputs (:mod:`course_lib.calibration`). Layers left unquantized stay fp32;
+   Ranges come from recorded inputs (:mod:`course_lib.precision.calibration`). Layers left unquantized stay fp32;
    for TensorRT INT8 against FP16 they have to be FP16 too (``high_precision="fp16"``, ModelOpt).
 2. :func:`sensitive_nodes` finds layers one may want to keep in float: the attention matmuls around the
    softmax, the norms, the first and last convs, the time embedding; pass them as ``exclude_nodes``.
@@ -17,7 +17,7 @@ INT8 types only (no uint8), zero point 0 (symmetric), Q/DQ from the standard ONN
    Q followed by DQ, and which compute layers stayed float. :func:`quantize_int8` refuses to write a
    model that fails it.
 
-Accuracy and speed of the result are measured with :mod:`course_lib.int8_eval`.
+Accuracy and speed of the result are measured with :mod:`course_lib.precision.evaluation`.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from course_lib.files import temp_dir_beside
 
 INT8_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")   # the layers whose inputs TensorRT runs in INT8
 # ONNX Runtime quantize_static in the form TensorRT builds (see the module docstring)
@@ -151,7 +152,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
 
     Args:
         fp32_onnx, out_onnx: paths; the output folder is created; weights over 2 GB go to ``<out>.data``.
-        reader: a :class:`~course_lib.calibration.CalibrationReader` (or any ORT CalibrationDataReader for
+        reader: a :class:`~course_lib.precision.calibration.CalibrationReader` (or any ORT CalibrationDataReader for
             method "ort") giving the recorded inputs of this model.
         method: "ort" (ONNX Runtime quantize_static, :data:`ORT_TRT_OPTIONS`), "modelopt" (ModelOpt's ONNX
             PTQ) or "auto" (ModelOpt when installed, else ORT).
@@ -167,7 +168,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
     Returns a :class:`QuantizeResult`; a ``<out>.json`` sidecar records the settings and the check.
     Raises ValueError when the written model fails :func:`check_qdq` (nothing is left under ``out_onnx``).
     """
-    from .env import has_module
+    from course_lib.env import has_module
 
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
     if method not in METHODS:
@@ -197,7 +198,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
         reader.rewind()
 
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_onnx.name}.tmp-", dir=out_onnx.parent))
+    tmp = temp_dir_beside(out_onnx)
     start = time.perf_counter()
     try:
         tmp_onnx = tmp / out_onnx.name
@@ -288,7 +289,7 @@ def _quantize_ort(fp32_onnx, out_onnx, reader, calibration, per_channel, op_type
 
 def _quantize_modelopt(fp32_onnx, out_onnx, reader, calibration, per_channel, op_types, exclude_op_types, names,
                        providers, external, high_precision, progress) -> int:
-    from .env import require
+    from course_lib.env import require
 
     moq = require("modelopt.onnx.quantization", "INT8 quantization with ModelOpt (chapter 5)")
     if not per_channel:

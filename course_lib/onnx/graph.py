@@ -46,7 +46,7 @@ def show_in_netron(path: str | Path, port: int = 8081, height: int = 600):
 
     Needs ``pip install netron``; the server stays up until :func:`stop_netron` or the kernel ends.
     """
-    from .env import require
+    from course_lib.env import require
 
     netron = require("netron", "viewing graphs")
     path = Path(path)
@@ -60,6 +60,6 @@ def show_in_netron(path: str | Path, port: int = 8081, height: int = 600):
 
 def stop_netron(port: int = 8081) -> None:
     """Chapter 1: stop the Netron server started by :func:`show_in_netron`."""
-    from .env import require
+    from course_lib.env import require
 
     require("netron", "viewing graphs").stop(("127.0.0.1", port))

@@ -22,11 +22,9 @@ Everything is written into a hidden temporary folder next to the target and move
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +33,8 @@ from pathlib import Path
 
 import onnx
 import torch
+
+from course_lib.files import sha256_file, temp_dir_beside
 
 # protobuf cannot serialise a message over 2 GiB; stay a little below it (the graph itself needs room)
 EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26          # 1.94 GiB of weights
@@ -170,7 +170,7 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
             sidecar_path=path.with_name(path.name + ".json"),
             inputs=tuple(_tensor_info(v) for v in model.graph.input),
             outputs=tuple(_tensor_info(v) for v in model.graph.output),
-            opset=opset, seconds=round(time.perf_counter() - start, 3), sha256=_sha256(tmp_onnx))
+            opset=opset, seconds=round(time.perf_counter() - start, 3), sha256=sha256_file(tmp_onnx))
         tmp_json = tmp / result.sidecar_path.name
         tmp_json.write_text(json.dumps(_sidecar(result, dynamic_axes), indent=2) + "\n")
         _move_into_place(tmp, path, data_name if use_external else None, result.sidecar_path.name)
@@ -262,7 +262,7 @@ def _check_target(path: Path) -> Path:
 
 def _make_temp_dir(path: Path) -> Path:
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        return temp_dir_beside(path)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise PermissionError(f"folder {path.parent} is not writable: {e.strerror}") from None
@@ -350,14 +350,6 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     t = value.type.tensor_type
     shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
     return TensorInfo(value.name, shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sidecar(result: ExportResult, dynamic_axes) -> dict:

@@ -9,7 +9,7 @@ opset 18) writes for the course's models:
 
 * ``LayerNormalization`` -- every LayerNorm (CLIP; norm1/2/3 of each transformer block) is one op at
   opset >= 17. Its variance averages (x - mean)^2, which passes FP16's 65504 once x strays 256 from
-  its mean (see ``course_lib.ranges``, the ``norm x^2`` points).
+  its mean (see ``course_lib.precision.ranges``, the ``norm x^2`` points).
 * ``InstanceNormalization`` -- torch writes GroupNorm as Reshape(B, G, -1) -> InstanceNormalization
   (scale 1, bias 0) -> Reshape -> Mul(gamma) -> Add(beta); same statistics, same risk (the original
   code computes GroupNorm in FP32 for this reason: ``GroupNorm32``).
@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -49,8 +48,10 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from .env import has_module, require
-from .onnx_export import EXTERNAL_DATA_THRESHOLD_BYTES, SMALL_TENSOR_BYTES, load_onnx_checked
+from course_lib.env import has_module, require
+from course_lib.onnx.export import EXTERNAL_DATA_THRESHOLD_BYTES, SMALL_TENSOR_BYTES, load_onnx_checked
+
+from course_lib.files import temp_dir_beside
 
 KEEP_FP32_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax", "Sin", "Cos",
                  "ReduceMean", "ReduceSum", "ReduceSumSquare", "Pow", "Sqrt")
@@ -344,7 +345,7 @@ def _save_atomically(model: onnx.ModelProto, dst: Path, sidecar: dict) -> tuple[
     external = weights > EXTERNAL_DATA_THRESHOLD_BYTES
     data_name, json_name = dst.name + ".data", dst.name + ".json"
     sidecar["tensors"] = {onnx.helper.tensor_dtype_to_np_dtype(k).name: v for k, v in _float_types(model).items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = temp_dir_beside(dst)
     try:
         onnx.save_model(model, str(tmp / dst.name), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=SMALL_TENSOR_BYTES)
