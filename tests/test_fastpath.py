@@ -108,7 +108,7 @@ def test_hint_once_gives_the_same_controls(cnsd):
     t, context = torch.tensor([951, 1], dtype=torch.int32), torch.randn(2, 77, 64, generator=g)
     with torch.inference_mode():
         want = cnsd.controlnet(x, hint, t, context)
-        got = controls_from_guided_hint(cnsd.controlnet, x, cnsd.controlnet.input_hint_block(hint, None, None), t, context)
+        got = controls_from_guided_hint(cnsd.controlnet, x, cnsd.controlnet.input_hint_block(hint), t, context)
     assert len(got) == 13 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 

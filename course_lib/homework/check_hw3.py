@@ -26,7 +26,8 @@ from torch import nn
 
 from course_lib.cnsd.attention import CrossAttention
 from course_lib.cnsd.contract import contracts, example_inputs
-from course_lib.cnsd.fusion import attention_layer_counts, count_attention_matmuls, expected_matmul_counts
+from course_lib.cnsd.fusion import attention_layer_counts
+from course_lib.onnx.attention_census import count_attention_matmuls, expected_matmul_counts
 
 FUSED_MODELS = ("controlnet", "unet")           # the sub-models with attention layers
 

@@ -19,7 +19,7 @@ from course_lib.homework.evidence import Evidence, NotApplicable, Verdict, stric
 def matmul_count_test(name: str) -> Callable[[Evidence], Verdict]:
     def matmul_count(ev: Evidence) -> Verdict:
         from course_lib.cnsd import get_config
-        from course_lib.cnsd.fusion import count_attention_matmuls, expected_matmul_counts
+        from course_lib.onnx.attention_census import count_attention_matmuls, expected_matmul_counts
         found = count_attention_matmuls(ev.path(f"onnx/{name}.onnx"))
         expected = expected_matmul_counts(get_config(ev.config), name, fused=True)
         wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if found[k] != expected[k]]

@@ -172,7 +172,7 @@ def controls_from_guided_hint(controlnet, x: torch.Tensor, guided_hint: torch.Te
     """Chapter 3 ("hint-once"): ``controlnet.forward`` given the output of its ``input_hint_block``.
 
     The hint block reads only the hint, so its output (B, model_channels, h, w) is the same at every
-    DDIM step: compute it once per image with ``controlnet.input_hint_block(hint, None, None)``.
+    DDIM step: compute it once per image with ``controlnet.input_hint_block(hint)``.
     Returns the 13 controls, equal to ``controlnet(x, hint, timestep, context)`` (tests check it).
     """
     return controlnet.controls(x, guided_hint, timestep, context)

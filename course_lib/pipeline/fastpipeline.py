@@ -102,7 +102,7 @@ class FastCanny2Image:
         hint = hint.to(self.device, self.dtype)
         if self.switches.hint_once:
             with torch.inference_mode():
-                hint = self.cnsd.controlnet.input_hint_block(hint, None, None)
+                hint = self.cnsd.controlnet.input_hint_block(hint)
         return torch.cat([hint, hint]) if self.switches.cfg == "batched" else hint
 
     def eps_fn(self, context: torch.Tensor, hint: torch.Tensor, scale: float, scales: Sequence[float]) -> Callable:

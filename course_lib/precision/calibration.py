@@ -40,16 +40,10 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from course_lib.files import temp_dir_beside
+from course_lib.onnx.session import to_numpy as _to_numpy
 
 MANIFEST = "manifest.json"
 FORMAT = "course_lib.precision.calibration/1"
-
-
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):                                   # a torch tensor, on any device
-        value = value.detach().cpu()
-        return value.float().numpy() if str(value.dtype) == "torch.bfloat16" else value.numpy()
-    return np.asarray(value)
 
 
 class CalibrationWriter:

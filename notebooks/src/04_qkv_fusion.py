@@ -261,7 +261,7 @@ exports["fused"] = export_cnsd(model, out / "fused", height=64, width=64, models
 print({version: sorted(str(r.path) for r in files.values()) for version, files in exports.items()})
 
 # %%
-from course_lib.cnsd.fusion import count_attention_matmuls, expected_matmul_counts
+from course_lib.onnx.attention_census import count_attention_matmuls, expected_matmul_counts
 from course_lib.onnx.graph import op_census
 
 print(f"{'model':<11}{'version':<9}{'self proj':>10}{'cross proj':>11}{'QK/AV':>7}{'to_out':>7}{'total':>7}"
