@@ -24,8 +24,8 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from .compare import DEFAULT_PROVIDERS, ort_session
-from .env import MissingDependency, require
+from course_lib.onnx.session import ORT_TYPES, default_providers, ort_session
+from course_lib.env import MissingDependency
 
 
 @runtime_checkable
@@ -104,23 +104,6 @@ class TorchBackend:
         return f"TorchBackend({self.name!r}, {self.device}, {str(self.dtype).replace('torch.', '')})"
 
 
-# ONNX element types the course's models use -> numpy
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-              "tensor(int64)": np.int64, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
-
-
-def default_providers() -> list[str]:
-    """Chapter 2: the ONNX Runtime providers :class:`OrtBackend` uses when none are given.
-
-    The choice is :data:`course_lib.compare.DEFAULT_PROVIDERS` (CUDA, then CPU; never ORT's TensorRT
-    EP) filtered by what this onnxruntime build has -- the same rule as ``compare.ort_session``.
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in DEFAULT_PROVIDERS if p in available] or ["CPUExecutionProvider"]
-
-
 class OrtBackend:
     """Chapter 2: run an ONNX file with ONNX Runtime through the backend interface.
 
@@ -131,7 +114,7 @@ class OrtBackend:
             TensorRT EP. A provider this onnxruntime lacks is a ValueError.
         name: defaults to the file name without ``.onnx``.
 
-    The session comes from :func:`course_lib.compare.ort_session` (chapter 1), so the parity checks and
+    The session comes from :func:`course_lib.onnx.session.ort_session` (chapter 1), so the parity checks and
     the pipeline run the same way. Feeds go through host memory: each torch tensor becomes a numpy array
     of the dtype the graph declares (an int64 timestep becomes the graph's int32, an fp16 graph gets
     fp16); a shape that the graph fixes otherwise is a ValueError naming the input. Outputs come back as
@@ -149,9 +132,9 @@ class OrtBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._np_types, self._shapes = {}, {}
         for i in self.session.get_inputs():
-            if i.type not in _ORT_TYPES:
-                raise ValueError(f"{self.name}: input {i.name!r} has type {i.type}, expected one of {list(_ORT_TYPES)}")
-            self._np_types[i.name] = _ORT_TYPES[i.type]
+            if i.type not in ORT_TYPES:
+                raise ValueError(f"{self.name}: input {i.name!r} has type {i.type}, expected one of {list(ORT_TYPES)}")
+            self._np_types[i.name] = ORT_TYPES[i.type]
             self._shapes[i.name] = tuple(d if isinstance(d, int) else None for d in i.shape)  # None: dynamic
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
@@ -189,15 +172,18 @@ class TrtBackend:
             cloned; without the copy, the cond ``eps`` of a "separate" CFG step would be overwritten by
             the uncond call. Switch it off only where each output is consumed before the next call.
 
-    Needs tensorrt and a CUDA GPU: without tensorrt it raises ``MissingDependency`` (one sentence).
+    Needs TensorRT (``tensorrt``, or ``tensorrt_rtx`` on a GPU it targets) and a CUDA GPU: without either
+    flavour it raises ``MissingDependency`` (one sentence).
     Feed tensors are moved to the GPU in the plan's input dtypes (int32 timestep, fp16 for an fp16
     plan); outputs stay there, float32.
     """
 
     def __init__(self, plan_path: str | os.PathLike, use_cuda_graph: bool = False, stream=None,
                  name: str | None = None, copy_outputs: bool = True):
-        require("tensorrt", "running TensorRT plans (TrtBackend)")
-        from .trt.engine import Engine  # the only place tensorrt is imported from
+        from course_lib.trt.engine import Engine  # course_lib.trt: the only place TensorRT is imported from
+        from course_lib.trt.flavour import require_tensorrt
+
+        require_tensorrt("running TensorRT plans (TrtBackend)")   # tensorrt or tensorrt_rtx (COURSE_TENSORRT)
 
         path = os.fspath(plan_path)
         if not os.path.isfile(path):
@@ -252,7 +238,7 @@ def make_backends(kind: str, model=None, onnx_dir: str | os.PathLike | None = No
     dicts, e.g. ``{**make_backends("ort", onnx_dir=d), "clip": make_backends("torch", model)["clip"]}``.
     A missing argument, folder or file raises ValueError / FileNotFoundError naming it.
     """
-    from .cnsd.contract import MODEL_NAMES, contracts   # cnsd's pipeline imports this module
+    from course_lib.cnsd.contract import MODEL_NAMES, contracts   # cnsd's pipeline imports this module
 
     if kind not in BACKEND_KINDS:
         raise ValueError(f"backend {kind!r}: expected one of {', '.join(BACKEND_KINDS)}")
@@ -272,5 +258,5 @@ def make_backends(kind: str, model=None, onnx_dir: str | os.PathLike | None = No
     return {n: TrtBackend(os.path.join(folder, f"{n}.plan"), use_cuda_graph=use_cuda_graph) for n in MODEL_NAMES}
 
 
-__all__ = ["Backend", "BACKEND_KINDS", "check_feed", "TorchBackend", "OrtBackend", "TrtBackend", "default_providers",
+__all__ = ["Backend", "BACKEND_KINDS", "check_feed", "TorchBackend", "OrtBackend", "TrtBackend",
            "make_backends", "MissingDependency"]

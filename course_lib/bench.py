@@ -9,91 +9,29 @@ Timing rules the chapter follows (and every number in docs/benchmarks.md obeys):
 * Compare with the compute floor: :func:`floor_ms` of the FLOPs an image needs (:func:`image_tflop`,
   15.8 TFLOP at 20 steps) at the GPU's dense fp16 rate.
 
-:func:`bench_pipeline` measures one variant of :mod:`course_lib.fastpath` (whole pipeline, per
+:func:`bench_pipeline` measures one variant of :mod:`course_lib.pipeline.fastpath` (whole pipeline, per
 stage, error against the fp32 reference); :func:`run_bench` is the CLI's ``bench`` command.
-Chapter 2's homework HW2 (:mod:`course_lib.hw2`) times TensorRT plans with the same primitives.
+Chapter 2's homework HW2 (:mod:`course_lib.trt.sweep`) times TensorRT plans with the same primitives.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+
+from course_lib.files import save_png, write_json
+from course_lib.timing import markdown_table, spread, summarize, time_cpu, time_cuda
 
 # FLOPs of the course's models at 256x384 (course_facts.md): per DDIM step with CFG batch 2, per image
 TFLOP = {"clip": 0.026, "controlnet": 0.191, "unet": 0.549, "decoder": 0.935}
 H100_DENSE_FP16_TFLOPS = 800.0      # what an H100 SXM's matrix units sustain on large fp16/bf16 products
 STAGES = ("clip", "controlnet", "unet", "step", "decoder")
-
-# ------------------------------------------------------------------------------------- timing
-
-
-def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10, sync_each: bool = True) -> list[float]:
-    """Chapter 3: milliseconds of ``iters`` calls of ``fn()`` measured with CUDA events, after ``warmup``.
-
-    ``sync_each=True`` (default) waits for the GPU before each call, so a sample is the latency of one
-    call including its launch gaps; False lets calls queue up back to back (throughput per call).
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ValueError("time_cuda: no CUDA device here; expected a GPU (use time_cpu on the CPU)")
-    _check_counts(warmup, iters)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        if sync_each:
-            torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
-
-
-def time_cpu(fn: Callable[[], object], warmup: int = 1, iters: int = 10,
-             sync: Callable[[], None] | None = None) -> list[float]:
-    """Chapter 3: wall-clock milliseconds (``perf_counter``) of ``iters`` calls, ``sync()`` before and after each."""
-    _check_counts(warmup, iters)
-    sync = sync or (lambda: None)
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
-def _check_counts(warmup: int, iters: int) -> None:
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"warmup={warmup}, iters={iters}: expected warmup >= 0 and iters >= 1")
-
-
-def summarize(samples: Sequence[float]) -> dict:
-    """Chapter 3: ``{median, p10, p90, iqr, min, max, mean, n, raw}`` of timing samples (ms).
-
-    Percentiles are numpy's (linear interpolation); ``raw`` keeps every sample in order.
-    """
-    a = np.asarray(samples, dtype=np.float64)
-    if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)):
-        raise ValueError(f"samples: expected a non-empty list of finite numbers, got {list(samples)[:5]}")
-    p10, p25, p75, p90 = np.percentile(a, [10, 25, 75, 90])
-    return {"median": float(np.median(a)), "p10": float(p10), "p90": float(p90), "iqr": float(p75 - p25),
-            "min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "n": int(a.size),
-            "raw": [float(x) for x in a]}
-
 
 def image_tflop(steps: int = 20) -> float:
     """Chapter 3: TFLOP one 256x384 image needs: CLIP + steps x (ControlNet + UNet, batch 2) + VAE decoder."""
@@ -105,29 +43,6 @@ def floor_ms(tflop: float, tflops: float = H100_DENSE_FP16_TFLOPS) -> float:
     if not tflops > 0 or not tflop >= 0:
         raise ValueError(f"floor of {tflop} TFLOP at {tflops} TFLOP/s: expected tflop >= 0 and tflops > 0")
     return tflop / tflops * 1e3
-
-# -------------------------------------------------------------------------------- tables, JSON
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """Chapter 3: a GitHub markdown table; None as "-", floats with 1 decimal from 10 up, 2 below,
-    and 3 significant digits under 0.01 (errors such as ``1.23e-04``)."""
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, (float, np.floating)):
-            if not math.isfinite(v) or v == 0:
-                return str(float(v)).replace("0.0", "0")
-            return f"{v:.2e}" if abs(v) < 0.01 else f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
-
-
-def spread(s: Mapping) -> str:
-    """``"p10-p90"`` of a :func:`summarize` dict, e.g. ``"41.2-43.0"``."""
-    return f"{s['p10']:.1f}-{s['p90']:.1f}"
-
 
 def variant_table(results: Sequence[Mapping], baseline: str | None = None, floor: float | None = None) -> str:
     """Chapter 3: one row per measured variant: median and spread (ms), speed-up over ``baseline``, ratio to
@@ -151,45 +66,6 @@ def stage_table(results: Sequence[Mapping]) -> str:
             + [r["total"]["median"]] for r in results if "total" in r]
     return markdown_table(["variant", "CLIP", "ControlNet /step", "UNet /step", "step (CN+UNet+CFG)", "VAE", "whole"],
                           rows)
-
-
-def _jsonable(value):
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else str(float(value))      # inf -> "inf"
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: str | Path, data) -> Path:
-    """Chapter 3: write ``data`` as JSON atomically (temp file, then ``os.replace``); keys starting with
-    "_" are left out, non-finite floats become strings ("inf"). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-# -------------------------------------------------------------------------------------- plots
-
-
-def save_png(fig, path: str | Path) -> Path:
-    """Chapter 3: save a matplotlib Figure as PNG atomically (temp name, then ``os.replace``)."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"plot {path}: expected a .png file name (PNG keeps notebook outputs stable)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-    return path
 
 
 def plot_latencies(labels: Sequence[str], summaries: Sequence[Mapping], path: str | Path, title: str = "",
@@ -258,8 +134,8 @@ def model_errors(reference, model, height: int = 256, width: int = 384, seed: in
     in strict fp32 (TF32 off for convolutions and matmuls while it runs)."""
     import torch
 
-    from .backends import TorchBackend
-    from .cnsd import MODEL_NAMES, contracts, example_inputs
+    from course_lib.backends import TorchBackend
+    from course_lib.cnsd import MODEL_NAMES, contracts, example_inputs
 
     table = contracts(reference.config, batch=1, height=height, width=width)
     errors = {}
@@ -282,7 +158,7 @@ def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, 
                    iters: int = 10, warmup: int = 2, steps: int = 20, prompt: str = "a bird", seed: int = 2946901,
                    reference_image: np.ndarray | None = None, stages: bool = True, stage_iters: int = 10,
                    pipes: dict | None = None) -> dict:
-    """Chapter 3: measure one variant (a :class:`course_lib.fastpath.Switches` name) end to end.
+    """Chapter 3: measure one variant (a :class:`course_lib.pipeline.fastpath.Switches` name) end to end.
 
     ``models``: ``{"fp32": CNSD on device}``; the fp16 copy is made once and kept there (``"fp16"``).
     "fp32-separate" runs the original ``Canny2Image``; every other variant runs ``FastCanny2Image``.
@@ -296,10 +172,10 @@ def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, 
 
     import torch
 
-    from .cnsd.pipeline import Canny2Image
-    from .fastpath import Switches, global_switches, to_half
-    from .fastpipeline import FastCanny2Image
-    from .score import max_pixel_diff, psnr
+    from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.pipeline.fastpath import Switches, global_switches, to_half
+    from course_lib.pipeline.fastpipeline import FastCanny2Image
+    from course_lib.score import max_pixel_diff, psnr
 
     switches = Switches.from_name(variant)
     result: dict = {"variant": switches.name, "switches": asdict(switches)}
@@ -368,10 +244,10 @@ def run_bench(config: str = "tiny", variant: str = "fp32-separate", device: str 
     """
     import torch
 
-    from .cnsd import build_cnsd, get_config
-    from .cnsd.pipeline import Canny2Image
-    from .cnsd.tokenizer import get_tokenizer
-    from .samples import sample_photo
+    from course_lib.cnsd import build_cnsd, get_config
+    from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.cnsd.tokenizer import get_tokenizer
+    from course_lib.samples import sample_photo
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_cnsd(get_config(config), seed=0).to(device)
@@ -389,11 +265,3 @@ def run_bench(config: str = "tiny", variant: str = "fp32-separate", device: str 
         write_json(Path(out) / f"bench_{result['variant']}.json", result)
     return result
 
-
-def __getattr__(name: str):
-    """Chapter 2's HW2 helpers live in :mod:`course_lib.hw2`; ``from course_lib.bench import hw2_sweep`` works too."""
-    if name in ("hw2_sweep", "hw2_table", "plot_hw2", "hw2_feed"):
-        from . import hw2
-
-        return getattr(hw2, name)
-    raise AttributeError(f"module 'course_lib.bench' has no attribute {name!r}")

@@ -26,6 +26,15 @@ INSTALL_HINTS = {
 }
 
 
+# the two TensorRT flavours (course_lib.trt.flavour uses them; `env` reports what each can do here)
+FLAVOURS = ("tensorrt", "tensorrt_rtx")            # the automatic choice takes the first one installed
+TRT_LABELS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT for RTX"}
+PIP = {"tensorrt": "tensorrt-cu13", "tensorrt_rtx": "tensorrt-rtx"}
+RTX_DEFAULT_CCS = ("8.0", "8.6", "8.9", "12.0")    # where TensorRT for RTX plans run by default
+RTX_TARGETABLE_CCS = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+RTX_GPUS = "A100, A10, RTX 30/40/50 series, L4, L40; not Hopper (H100, H200)"
+
+
 class MissingDependency(ImportError):
     """An optional package a cell or command needs is not installed (one clear sentence)."""
 
@@ -74,15 +83,11 @@ class Environment:
     @property
     def has_tensorrt(self) -> bool:
         """A TensorRT that runs plans here: full TensorRT with a GPU, or TensorRT for RTX with a GPU it targets."""
-        from .trt.flavour import can_run
-
         return any(can_run(name, v, self.compute_capability) for name, v in self._flavours().items())
 
     @property
     def has_trt_builder(self) -> bool:
         """A TensorRT builder that works here: TensorRT for RTX (no GPU needed), or full TensorRT with a GPU."""
-        from .trt.flavour import can_build
-
         return any(can_build(name, v, self.compute_capability) for name, v in self._flavours().items())
 
     def rows(self) -> list[tuple[str, str]]:
@@ -101,8 +106,6 @@ class Environment:
         ]
 
     def _flavour_line(self, name: str) -> str:
-        from .trt.flavour import status_line
-
         return status_line(name, self._flavours()[name], self.gpu_name, self.compute_capability)
 
     def skipped_cells(self) -> list[str]:
@@ -123,6 +126,52 @@ class Environment:
         lines.append(f"{'notebook cells':<{width}}  "
                      + ("all run" if not skipped else "skipped here: " + ", ".join(skipped)))
         return "\n".join(lines)
+
+
+# --- what each TensorRT flavour can do on this machine ------------------------------------------
+
+def cc_digits(cc) -> str:
+    """A compute capability as digits: ``"8.6"``, ``(8, 6)``, ``"sm_86"``, ``"86"`` -> ``"86"``."""
+    if isinstance(cc, (tuple, list)):
+        return "".join(str(int(part)) for part in cc)
+    return "".join(ch for ch in str(cc) if ch.isdigit())
+
+
+def cc_dotted(cc) -> str:
+    """``"86"`` -> ``"8.6"``, ``"120"`` -> ``"12.0"``."""
+    digits = cc_digits(cc)
+    return f"{digits[:-1]}.{digits[-1]}" if len(digits) > 1 else digits
+
+
+def can_build(name: str, installed_version: str | None, gpu_cc: str | None) -> bool:
+    """TensorRT for RTX builds anywhere; full TensorRT needs a GPU (it times kernels on it)."""
+    return installed_version is not None and (name == "tensorrt_rtx" or gpu_cc is not None)
+
+
+def can_run(name: str, installed_version: str | None, gpu_cc: str | None) -> bool:
+    """Whether this machine runs this flavour's plans: a GPU, and for TensorRT for RTX one it targets."""
+    if installed_version is None or gpu_cc is None:
+        return False
+    return name == "tensorrt" or cc_dotted(gpu_cc) in RTX_DEFAULT_CCS
+
+
+def run_needs(name: str) -> str:
+    """What running this flavour's plans needs, in words."""
+    if name == "tensorrt_rtx":
+        return f"a GPU of compute capability {'/'.join(RTX_DEFAULT_CCS)} ({RTX_GPUS})"
+    return "a CUDA GPU of the compute capability the plan was built on"
+
+
+def status_line(name: str, installed_version: str | None, gpu_name: str | None, gpu_cc: str | None) -> str:
+    """One line for the ``env`` report: installed?, version, build yes/no, run: needs ... (and here?)."""
+    if installed_version is None:
+        return f"not installed (pip install {PIP[name]})"
+    build = "yes" if can_build(name, installed_version, gpu_cc) else "no (needs a CUDA GPU)"
+    if gpu_cc is None:
+        here = "no GPU here"
+    else:
+        here = f"{gpu_name} (sm_{cc_digits(gpu_cc)}): {'yes' if can_run(name, installed_version, gpu_cc) else 'no'}"
+    return f"{installed_version}; build: {build}; run: needs {run_needs(name)} -- {here}"
 
 
 def _version(name: str) -> str | None:

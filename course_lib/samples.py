@@ -36,27 +36,22 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def write_image(path: str | Path, rgb: np.ndarray) -> Path:
     """Chapter 1: save a uint8 RGB image atomically (temp name, then os.replace); returns the path."""
-    import os
-
     import cv2
+
+    from course_lib.files import atomic_path
 
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder: expected an image file name such as out.png")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"image {rgb.shape} {rgb.dtype}: expected uint8 (H, W, 3)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
+    with atomic_path(path, suffix=path.suffix) as tmp:
         try:
             ok = cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1]))
         except cv2.error:
             ok = False
         if not ok:
             raise ValueError(f"image {path}: could not write it (unknown extension {path.suffix!r}? use .png)")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

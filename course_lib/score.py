@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,31 +123,6 @@ def perceptual_distance(image, reference, device: str | None = None) -> float:
     hackathon compared JPEG files, so PD from arrays can differ slightly from PD from saved files.
     """
     return float(np.linalg.norm(inception_features(image, device) - inception_features(reference, device)))
-
-
-def time_process(fn: Callable[[], object], n_warmup: int = 1, n: int = 5,
-                 sync: Callable[[], None] | None = None) -> list[float]:
-    """Chapter 2: wall-clock latency in ms of ``n`` calls of ``fn()`` after ``n_warmup`` untimed ones.
-
-    The device is synchronized before and after each timed call (``torch.cuda.synchronize`` when a GPU
-    is present, or the given ``sync``), so queued GPU work is counted where it belongs.
-    """
-    if n < 1 or n_warmup < 0:
-        raise ValueError(f"n={n}, n_warmup={n_warmup}: expected n >= 1 and n_warmup >= 0")
-    if sync is None:
-        import torch
-
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(n_warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

@@ -21,7 +21,8 @@ TEST_GPU = {"name": "NVIDIA GeForce RTX 3060", "compute_capability": "86", "driv
 def _fake_hw2_sweep(folder, tensorrt="10.8.0.43", gpu=TEST_GPU["name"], graph_factor=0.8, n=12):
     """What hw2_sweep writes into ``folder`` (records with raw samples, a plan sidecar per engine and level),
     as test data: no TensorRT or GPU needed. The plans themselves are not written."""
-    from course_lib.bench import summarize, write_json
+    from course_lib.files import write_json
+    from course_lib.timing import summarize
     from course_lib.homework import MODELS
     from course_lib.trt.plan import PlanSidecar, write_sidecar
 

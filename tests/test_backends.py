@@ -1,13 +1,13 @@
 """course_lib.backends: the Backend protocol, TorchBackend, OrtBackend, TrtBackend (chapter 2)."""
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from course_lib.backends import (
-    Backend, OrtBackend, TorchBackend, TrtBackend, check_feed, default_providers,
-)
+from course_lib.backends import Backend, OrtBackend, TorchBackend, TrtBackend, check_feed
+from course_lib.onnx.session import default_providers
 from course_lib.cnsd.contract import ModelContract, TensorSpec
 from course_lib.env import MissingDependency, detect, has_module
 
@@ -119,9 +119,10 @@ def test_default_providers_end_with_a_usable_one():
     assert "TensorrtExecutionProvider" not in providers
 
 
-@pytest.mark.skipif(has_module("tensorrt"), reason="tensorrt is installed: the missing-dependency path can't run")
-def test_trt_backend_without_tensorrt_says_what_to_install(tmp_path):
-    with pytest.raises(MissingDependency, match="tensorrt is not installed.*install"):
+def test_trt_backend_without_tensorrt_says_what_to_install(tmp_path, monkeypatch):
+    for name in ("tensorrt", "tensorrt_rtx"):      # None in sys.modules: the import fails, as if not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(MissingDependency, match="neither tensorrt nor tensorrt_rtx is installed.*install"):
         TrtBackend(tmp_path / "unet.plan")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import bench
+from course_lib import bench, files, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,19 +25,19 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def fake(median, spread=1.0, n=10):
-    return bench.summarize(np.linspace(median - spread, median + spread, n))
+    return timing.summarize(np.linspace(median - spread, median + spread, n))
 
 
 def test_summarize_known_samples():
-    s = bench.summarize([5, 1, 4, 2, 3, 10, 9, 8, 7, 6])
+    s = timing.summarize([5, 1, 4, 2, 3, 10, 9, 8, 7, 6])
     assert s["median"] == 5.5 and s["n"] == 10 and s["min"] == 1 and s["max"] == 10 and s["mean"] == 5.5
     assert s["p10"] == pytest.approx(1.9) and s["p90"] == pytest.approx(9.1) and s["iqr"] == pytest.approx(4.5)
     assert s["raw"] == [5, 1, 4, 2, 3, 10, 9, 8, 7, 6]                # every sample, in order
     assert np.median(s["raw"]) == s["median"]                        # what a grader re-checks
-    assert bench.summarize([3.0])["p10"] == 3.0
+    assert timing.summarize([3.0])["p10"] == 3.0
     for bad in ([], [1.0, float("nan")], [[1.0]]):
         with pytest.raises(ValueError, match="samples"):
-            bench.summarize(bad)
+            timing.summarize(bad)
 
 
 def test_floor_maths():
@@ -51,25 +51,25 @@ def test_floor_maths():
 
 def test_time_cpu_counts_calls_and_syncs():
     calls, syncs = [], []
-    samples = bench.time_cpu(lambda: calls.append(1), warmup=2, iters=3, sync=lambda: syncs.append(1))
+    samples = timing.time_cpu(lambda: calls.append(1), warmup=2, iters=3, sync=lambda: syncs.append(1))
     assert len(samples) == 3 and all(s >= 0 for s in samples)
     assert len(calls) == 5 and len(syncs) == 6
     with pytest.raises(ValueError, match="iters"):
-        bench.time_cpu(lambda: None, iters=0)
+        timing.time_cpu(lambda: None, iters=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_time_cuda_without_gpu_says_so():
     with pytest.raises(ValueError, match="no CUDA device"):
-        bench.time_cuda(lambda: None)
+        timing.time_cuda(lambda: None)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_time_cuda_measures_gpu_time():
     a = torch.randn(2048, 2048, device="cuda")
-    small = bench.summarize(bench.time_cuda(lambda: a @ a, iters=5))["median"]
-    big = bench.summarize(bench.time_cuda(lambda: [a @ a for _ in range(8)], iters=5))["median"]
+    small = timing.summarize(timing.time_cuda(lambda: a @ a, iters=5))["median"]
+    big = timing.summarize(timing.time_cuda(lambda: [a @ a for _ in range(8)], iters=5))["median"]
     assert 0 < small < big
 
 
@@ -88,13 +88,13 @@ def test_markdown_and_variant_tables():
     assert "needs a CUDA GPU" in table[4] and "error: RuntimeError('boom')" in table[5]
     stages = bench.stage_table(results).splitlines()
     assert stages[2].startswith("| fp32-separate | - |") and stages[3] == "| fp16-batched | 2.00 | 2.00 | 2.00 | 2.00 | 2.00 | 500.0 |"
-    assert bench.markdown_table(["x"], [[1.5e-4], [0.0], [None], [math.inf]]).splitlines()[2:] == \
+    assert timing.markdown_table(["x"], [[1.5e-4], [0.0], [None], [math.inf]]).splitlines()[2:] == \
         ["| 1.50e-04 |", "| 0 |", "| - |", "| inf |"]
 
 
 def test_write_json_is_atomic_and_strict(tmp_path):
     data = {"psnr": math.inf, "n": np.int64(3), "x": np.float32(0.5), "_image": np.zeros((4, 4)), "p": tmp_path}
-    path = bench.write_json(tmp_path / "sub" / "r.json", data)
+    path = files.write_json(tmp_path / "sub" / "r.json", data)
     assert json.loads(path.read_text()) == {"psnr": "inf", "n": 3, "x": 0.5, "p": str(tmp_path)}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]     # no temp file left behind
 

@@ -1,4 +1,4 @@
-"""course_lib.calibration (chapter 5): recording every sub-model's inputs during canny2image, and replaying them.
+"""course_lib.precision.calibration (chapter 5): recording every sub-model's inputs during canny2image, and replaying them.
 
 Tiny preset, 64x64 image, 2 DDIM steps, separate CFG: per run 2 ControlNet + 2 UNet calls per step.
 """
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.calibration import (CalibrationReader, CalibrationSet, RecordingBackend, capture_calibration,
+from course_lib.precision.calibration import (CalibrationReader, CalibrationSet, RecordingBackend, capture_calibration,
                                     load_calibration)
 from course_lib.cnsd import build_cnsd, contracts, get_config
-from course_lib.cnsd.pipeline import Canny2Image
-from course_lib.cnsd.sampler import make_ddim_schedule
+from course_lib.pipeline.canny2image import Canny2Image
+from course_lib.pipeline.sampler import make_ddim_schedule
 from course_lib.cnsd.tokenizer import get_tokenizer
 
 STEPS, SIZE = 2, 64

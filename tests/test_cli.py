@@ -20,7 +20,7 @@ import torch
 from course_lib.backends import OrtBackend, TorchBackend, make_backends
 from course_lib.cli import EXIT_USAGE, main
 from course_lib.cnsd import MODEL_NAMES, build_cnsd, contracts, get_config
-from course_lib.cnsd.pipeline import Canny2Image
+from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.env import has_module
 from course_lib.samples import read_image, sample_photo, write_image
@@ -240,7 +240,7 @@ def test_yolo_export_detect_check_and_build(tmp_path):
 
 def test_submit_and_grade_hw3(tmp_path, monkeypatch):
     from course_lib.cnsd.fusion import fuse_qkv
-    from course_lib.handin import write_hw3_evidence
+    from course_lib.homework.handin import write_hw3_evidence
 
     monkeypatch.chdir(tmp_path)
     code, _, err = run_main(["submit", "--hw", "3", "--student", "alice", "--seed", "7", "--out", "subs/a.zip"])

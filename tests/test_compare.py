@@ -1,4 +1,4 @@
-"""course_lib.compare: parity tables, ONNX Runtime helpers, layer-wise search through Polygraphy."""
+"""course_lib.onnx.compare: parity tables, ONNX Runtime helpers, layer-wise search through Polygraphy."""
 from __future__ import annotations
 
 import sys
@@ -9,10 +9,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from course_lib.compare import (ComparisonTable, check_onnx_against_torch, compare_outputs, layerwise_compare,
-                                ort_session, run_ort)
+from course_lib.onnx.compare import ComparisonTable, check_onnx_against_torch, compare_outputs, layerwise_compare
+from course_lib.onnx.session import ort_session, run_ort
 from course_lib.env import MissingDependency
-from course_lib.onnx_export import export_onnx
+from course_lib.onnx.export import export_onnx
 
 
 class Net(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""course_lib.fastpath and course_lib.fastpipeline (chapter 3): the speed-up switches keep canny2image's
+"""course_lib.pipeline.fastpath and course_lib.pipeline.fastpipeline (chapter 3): the speed-up switches keep canny2image's
 result, on the tiny model.
 
 CPU tests run a 64x64 image for a few DDIM steps; the CUDA-graph and fp16 paths are marked gpu.
@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from course_lib.cnsd import build_cnsd, get_config
-from course_lib.cnsd.pipeline import Canny2Image
+from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.cnsd.unet import GroupNorm32
-from course_lib.fastpath import (
+from course_lib.pipeline.fastpath import (
     LADDER, GuidedEps, ReuseEps, Switches, controls_from_guided_hint, eps_reuse_steps, reuse_timesteps, to_half,
 )
-from course_lib.fastpipeline import FastCanny2Image
-from course_lib.cnsd.sampler import guided_eps, make_ddim_schedule
+from course_lib.pipeline.fastpipeline import FastCanny2Image
+from course_lib.pipeline.sampler import guided_eps, make_ddim_schedule
 from course_lib.score import max_pixel_diff, psnr
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -108,7 +108,7 @@ def test_hint_once_gives_the_same_controls(cnsd):
     t, context = torch.tensor([951, 1], dtype=torch.int32), torch.randn(2, 77, 64, generator=g)
     with torch.inference_mode():
         want = cnsd.controlnet(x, hint, t, context)
-        got = controls_from_guided_hint(cnsd.controlnet, x, cnsd.controlnet.input_hint_block(hint, None, None), t, context)
+        got = controls_from_guided_hint(cnsd.controlnet, x, cnsd.controlnet.input_hint_block(hint), t, context)
     assert len(got) == 13 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 

@@ -11,10 +11,11 @@ from course_lib.cnsd import CNSD, build_cnsd, contracts, example_inputs, get_con
 from course_lib.cnsd.attention import CrossAttention, set_attention_backend
 from course_lib.cnsd.checkpoint import checkpoint_state, load_checkpoint
 from course_lib.cnsd.fusion import (
-    FusedAttention, FusionReport, NaiveFusedAttention, attention_layer_counts, build_fused_in_init,
-    count_attention_matmuls, expected_matmul_counts, fuse_qkv, time_attention, unfuse_qkv,
+    FusedAttention, FusionReport, NaiveFusedAttention, attention_layer_counts, build_fused_in_init, fuse_qkv,
+    time_attention, unfuse_qkv,
 )
-from course_lib.onnx_export import export_onnx
+from course_lib.onnx.attention_census import count_attention_matmuls, expected_matmul_counts
+from course_lib.onnx.export import export_onnx
 
 TINY = get_config("tiny")
 

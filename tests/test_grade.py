@@ -1,4 +1,4 @@
-"""course_lib.grade and course_lib.homework (homework grading): full marks for right work, exactly the right
+"""course_lib.homework.grade and course_lib.homework (homework grading): full marks for right work, exactly the right
 tests lost for wrong work, refusals for unsafe zips, and the results format autograders read.
 
 The module fixture makes real CPU submissions with the tiny preset at 64x64 (seed 1234): HW1 (alice), and
@@ -20,17 +20,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from course_lib.bench import write_json
+from course_lib.files import write_json
 from course_lib.cnsd import build_cnsd, get_config
 from course_lib.cnsd.fusion import FusedAttention, build_fused_in_init, fuse_qkv, time_attention
-from course_lib.grade import CSV_COLUMNS, grade_folder, grade_submission, read_roster, score_test
+from course_lib.homework.grade import CSV_COLUMNS, grade_folder, grade_submission, read_roster, score_test
 from course_lib.homework import MODELS, TESTS, Evidence, NotRecheckable, Outcome, fused_weight_problem, run_tests
 from course_lib.homework.hw1 import engines
 from course_lib.homework.int8 import int8_coverage, int8_outputs, int8_qdq_rules, int8_sidecar
-from course_lib.quantize import check_qdq
-from course_lib.safezip import ZipLimits
-from course_lib.handin import write_hw1_evidence, write_hw3_evidence, write_int8_evidence
-from course_lib.submit import submit
+from course_lib.precision.int8 import check_qdq
+from course_lib.homework.safezip import ZipLimits
+from course_lib.homework.handin import write_hw1_evidence, write_hw3_evidence, write_int8_evidence
+from course_lib.homework.submit import submit
 from course_lib.trt.plan import PlanSidecar, write_sidecar
 
 SEED = 1234
@@ -186,7 +186,7 @@ def test_engines_evidence_is_checked_for_consistency(graded, tmp_path):
     base = graded[0]
     folder = tmp_path / "hw1"
     shutil.copytree(base / "alice" / "hw1", folder)
-    from course_lib.safezip import sha256_file
+    from course_lib.homework.safezip import sha256_file
     shutil.copyfile(folder / "images" / "canny2image_torch.png", folder / "images" / "canny2image_trt.png")
     for name in MODELS:
         write_sidecar(folder / "plans" / f"{name}.plan", PlanSidecar(
@@ -204,8 +204,8 @@ def test_engines_evidence_is_checked_for_consistency(graded, tmp_path):
 def test_a_cpu_rerun_keeps_the_tensorrt_evidence_that_still_belongs(graded, tmp_path, monkeypatch):
     """Chapter 1's cell re-run after chapter 2's must keep the GPU evidence while it still belongs, all of it,
     and drop all of it otherwise: other ONNX files, another machine, other settings, another photo."""
-    from course_lib import handin
-    from course_lib.safezip import sha256_file
+    from course_lib.homework import handin
+    from course_lib.homework.safezip import sha256_file
     from course_lib.samples import sample_photo
     folder = tmp_path / "homework" / "hw1"
     shutil.copytree(graded[0] / "alice" / "hw1", folder)

@@ -1,4 +1,4 @@
-"""The hand-in writers (course_lib.handin): what each homework's last chapter cell writes, and its errors.
+"""The hand-in writers (course_lib.homework.handin): what each homework's last chapter cell writes, and its errors.
 
 HW1, HW3 and INT8 written from real tiny models are graded in tests/test_grade.py; here HW2 (made from
 hw2_sweep's output as test data: the sweep itself needs TensorRT) and the writers' one-line errors.
@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from course_lib.handin import write_hw1_evidence, write_hw2_evidence, write_int8_evidence
+from course_lib.homework.handin import write_hw1_evidence, write_hw2_evidence, write_int8_evidence
 from course_lib.homework import Evidence, run_tests
-from course_lib.submit import collect
+from course_lib.homework.submit import collect
 
 GPU_MACHINE = {"versions": {"course_lib": "0.1.0", "python": "3.11", "torch": "2.8", "onnx": "1.19",
                             "onnxruntime": "1.22", "tensorrt": "10.8.0.43", "cuda": "12.8"},

@@ -1,10 +1,10 @@
-"""course_lib.cnsd.hint: HWC3, resize_image, canny_hint (chapter 1)."""
+"""course_lib.pipeline.hint: HWC3, resize_image, canny_hint (chapter 1)."""
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from course_lib.cnsd.hint import HWC3, canny_hint, hwc3, resize_image
+from course_lib.pipeline.hint import HWC3, canny_hint, hwc3, resize_image
 
 
 def square_image(h=64, w=96, channels=3):

@@ -1,14 +1,16 @@
-"""course_lib.hw2 (chapter 2's homework 2): the table and bar chart from synthetic timings, the random
+"""course_lib.trt.sweep (chapter 2's homework 2): the table and bar chart from synthetic timings, the random
 feed, and the clear error without TensorRT. The sweep itself needs TensorRT and a GPU."""
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from course_lib import bench, hw2
-from course_lib.env import MissingDependency, has_module
+from course_lib import timing
+from course_lib.trt import sweep as hw2
+from course_lib.env import MissingDependency
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -18,7 +20,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def fake(median, spread=1.0, n=10):
-    return bench.summarize(np.linspace(median - spread, median + spread, n))
+    return timing.summarize(np.linspace(median - spread, median + spread, n))
 
 
 def hw2_records():
@@ -51,15 +53,9 @@ def test_hw2_feed_follows_the_specs():
     assert 0 <= feed["hint"].min() and feed["hint"].max() <= 1 and feed["x_noisy"].shape == (1, 4, 1, 1)
 
 
-@pytest.mark.skipif(has_module("tensorrt"), reason="checks the message on a machine without TensorRT")
-def test_hw2_sweep_without_tensorrt_says_what_to_install(tmp_path):
-    with pytest.raises(MissingDependency, match="tensorrt"):
+def test_hw2_sweep_without_tensorrt_says_what_to_install(tmp_path, monkeypatch):
+    for name in ("tensorrt", "tensorrt_rtx"):            # None in sys.modules: the import fails, as if not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(MissingDependency, match="neither tensorrt nor tensorrt_rtx is installed"):
         hw2.hw2_sweep(tmp_path, tmp_path / "out")
 
-
-def test_hw2_is_reachable_from_bench_too():
-    from course_lib.bench import hw2_sweep, hw2_table
-
-    assert hw2_sweep is hw2.hw2_sweep and hw2_table is hw2.hw2_table
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        bench.nope

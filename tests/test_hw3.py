@@ -1,4 +1,4 @@
-"""course_lib.hw3 (chapter 4): homework 3's named checks pass a right fusion and name what is wrong in others."""
+"""course_lib.homework.check_hw3 (chapter 4): homework 3's named checks pass a right fusion and name what is wrong in others."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +11,8 @@ from course_lib.cnsd import CNSD, build_cnsd, get_config
 from course_lib.cnsd.attention import CrossAttention
 from course_lib.cnsd.contract import contracts, example_inputs
 from course_lib.cnsd.fusion import FusedAttention, FusedLinear, build_fused_in_init, fuse_qkv
-from course_lib.onnx_export import export_onnx
-from course_lib.hw3 import HW3Result, check_hw3
+from course_lib.onnx.export import export_onnx
+from course_lib.homework.check_hw3 import HW3Result, check_hw3
 
 TINY = get_config("tiny")
 MODEL_CHECKS = ["state_dict_keys", "fused_layer_count", "fused_weights", "outputs"]

@@ -1,4 +1,4 @@
-"""course_lib.int8_eval (chapter 5): INT8 vs fp32 error tables, image and detection agreement, ORT latency."""
+"""course_lib.precision.evaluation (chapter 5): INT8 vs fp32 error tables, image and detection agreement, ORT latency."""
 import math
 
 import numpy as np
@@ -6,9 +6,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from course_lib.int8_eval import (AccuracyTable, ImageAgreement, compare_images, detection_agreement, int8_accuracy,
+from course_lib.precision.evaluation import (AccuracyTable, ImageAgreement, compare_images, detection_agreement, int8_accuracy,
                                   ort_latency)
-from course_lib.quantize import quantize_int8
+from course_lib.precision.int8 import quantize_int8
 
 
 def _feeds(n, seed=0):

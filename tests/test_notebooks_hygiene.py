@@ -122,7 +122,7 @@ def test_chapter_ends_with_self_check(path):
         f"{path.name}: the last code cell must be a self-check (contain an assert)")
 
 
-# The homeworks each chapter hands in from its "Hand it in" section (course_lib.handin + a submit dry run).
+# The homeworks each chapter hands in from its "Hand it in" section (course_lib.homework.handin + a submit dry run).
 HOMEWORK_CHAPTERS = {"01_export": ["1"], "02_build": ["1", "2"], "04_qkv_fusion": ["3"], "05_int8": ["int8"]}
 
 
@@ -134,7 +134,7 @@ def test_homework_chapters_have_a_hand_it_in_section(name):
     check = max(i for i, c in enumerate(cells) if c.cell_type == "markdown" and "## Self-check" in c.source)
     assert heading is not None and heading < check, f"{name}: no '## Hand it in' section before the self-check"
     code = "\n".join(c.source for c in cells[heading:check] if c.cell_type == "code")
-    assert "from course_lib.handin import write_" in code and "SEED, STUDENT =" in code, name
+    assert "from course_lib.homework.handin import write_" in code and "SEED, STUDENT =" in code, name
     loop = re.search(r"submit\(hw,[^\n]*\bfor hw in \(([^)]*)\)", code)    # several homeworks in one comprehension
     submitted = set(re.findall(r'submit\("(\w+)"', code)) | set(re.findall(r'"(\w+)"', loop.group(1) if loop else ""))
     assert submitted == set(HOMEWORK_CHAPTERS[name]) and "out=None" in code, (

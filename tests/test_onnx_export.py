@@ -1,4 +1,4 @@
-"""course_lib.onnx_export: names, static/dynamic shapes, external data, atomic writes, clear errors."""
+"""course_lib.onnx.export: names, static/dynamic shapes, external data, atomic writes, clear errors."""
 from __future__ import annotations
 
 import errno
@@ -12,8 +12,10 @@ import onnx
 import pytest
 import torch
 
-from course_lib.compare import check_onnx_against_torch, run_ort
-from course_lib.onnx_export import dynamic_axes_from_names, export_onnx, load_onnx_checked
+from course_lib.onnx.compare import check_onnx_against_torch
+
+from course_lib.onnx.session import run_ort
+from course_lib.onnx.export import dynamic_axes_from_names, export_onnx, load_onnx_checked
 
 AXES = {"x": ("B", "C", "H", "W"), "t": ("B",), "y": ("B", "K"), "h": ("B", "C", "H", "W")}
 
@@ -227,7 +229,7 @@ def test_load_onnx_checked_errors(tmp_path):
 
 def test_one_file_per_weight_layout_is_gathered_into_one_data_file(tmp_path):
     # torch writes models over 2 GB as one file per weight; the export gathers them into <name>.data
-    from course_lib.onnx_export import _gather_weights
+    from course_lib.onnx.export import _gather_weights
 
     m = Tiny().eval()
     export_onnx(m, feed(), tmp_path / "inline.onnx", output_names=["y", "h"], progress=False)

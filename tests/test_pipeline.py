@@ -1,4 +1,4 @@
-"""course_lib.cnsd.pipeline: canny2image end to end on the tiny preset (chapter 1), small and fast.
+"""course_lib.pipeline.canny2image: canny2image end to end on the tiny preset (chapter 1), small and fast.
 
 64x64 image, 2-4 DDIM steps, except one test at the course's 20 steps.
 """
@@ -8,7 +8,7 @@ import torch
 
 from course_lib.backends import TorchBackend
 from course_lib.cnsd import build_cnsd, contracts, get_config
-from course_lib.cnsd.pipeline import A_PROMPT, N_PROMPT, Canny2Image, StageTimings, control_scales
+from course_lib.pipeline.canny2image import A_PROMPT, N_PROMPT, Canny2Image, StageTimings, control_scales
 from course_lib.cnsd.tokenizer import get_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""course_lib.precision (chapter 3): FP16 ONNX of the four tiny CNSD models, parity with FP32 on ORT CPU.
+"""course_lib.precision.fp16 (chapter 3): FP16 ONNX of the four tiny CNSD models, parity with FP32 on ORT CPU.
 
 ONNX Runtime's CPU provider runs most fp16 ops through casts to fp32 it inserts itself: these tests check
 correctness (which ops stay FP32, I/O types, errors against FP32), not speed.
@@ -12,12 +12,13 @@ import onnx
 import pytest
 import torch
 
-from course_lib import precision
+from course_lib.precision import fp16 as precision
 from course_lib.cnsd import MODEL_NAMES, build_cnsd, contracts, example_inputs, get_config
-from course_lib.compare import compare_outputs, layerwise_compare, run_ort
+from course_lib.onnx.compare import compare_outputs, layerwise_compare
+from course_lib.onnx.session import run_ort
 from course_lib.env import MissingDependency, has_module
-from course_lib.onnx_export import export_onnx
-from course_lib.precision import KEEP_FP32_OPS, precision_report, sinusoid_argument_nodes, to_fp16_onnx
+from course_lib.onnx.export import export_onnx
+from course_lib.precision.fp16 import KEEP_FP32_OPS, precision_report, sinusoid_argument_nodes, to_fp16_onnx
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")     # from exporting the tiny models
 

@@ -1,4 +1,4 @@
-"""course_lib.quantize (chapter 5): INT8 Q/DQ models TensorRT accepts, and the check that says so.
+"""course_lib.precision.int8 (chapter 5): INT8 Q/DQ models TensorRT accepts, and the check that says so.
 
 The tiny ControlNet at 64x64 is exported once and quantized once (ONNX Runtime's quantizer: ~10 s);
 the check's failure cases use two-layer graphs built on the spot.
@@ -13,13 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from course_lib.backends import OrtBackend
-from course_lib.calibration import capture_calibration
+from course_lib.precision.calibration import capture_calibration
 from course_lib.cnsd import build_cnsd, get_config
-from course_lib.cnsd.export import export_cnsd
-from course_lib.cnsd.pipeline import Canny2Image
+from course_lib.onnx.export_cnsd import export_cnsd
+from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.cnsd.tokenizer import get_tokenizer
 from course_lib.env import MissingDependency, has_module
-from course_lib.quantize import ORT_TRT_OPTIONS, check_qdq, quantize_int8, sensitive_nodes
+from course_lib.precision.int8 import ORT_TRT_OPTIONS, check_qdq, quantize_int8, sensitive_nodes
 
 SIZE, STEPS = 64, 2
 

@@ -1,4 +1,4 @@
-"""course_lib.ranges (chapter 3): where activations leave FP16's range."""
+"""course_lib.precision.ranges (chapter 3): where activations leave FP16's range."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.cnsd import build_cnsd, contracts, example_inputs, get_config
-from course_lib.ranges import FP16_MAX, RangeTable, plot_ranges, survey_ranges
+from course_lib.precision.ranges import FP16_MAX, RangeTable, plot_ranges, survey_ranges
 
 matplotlib.use("Agg")
 

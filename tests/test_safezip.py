@@ -1,4 +1,4 @@
-"""course_lib.safezip (homework submission and grading): hashing, writing, and refusing unsafe zips."""
+"""course_lib.homework.safezip (homework submission and grading): hashing, writing, and refusing unsafe zips."""
 from __future__ import annotations
 
 import stat
@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from course_lib.safezip import (UnsafeSubmission, ZipLimits, check_external_data, check_file_types,
+from course_lib.homework.safezip import (UnsafeSubmission, ZipLimits, check_external_data, check_file_types,
                                 check_member_name, hash_files, inspect_zip, safe_extract, sha256_file,
                                 verify_hashes, write_zip)
 

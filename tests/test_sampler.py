@@ -1,11 +1,11 @@
-"""course_lib.cnsd.sampler: the DDPM/DDIM schedule, one DDIM step, guidance, the loop (chapter 1)."""
+"""course_lib.pipeline.sampler: the DDPM/DDIM schedule, one DDIM step, guidance, the loop (chapter 1)."""
 import math
 
 import pytest
 import torch
 
 from course_lib.cnsd.contract import CONTROL_NAMES
-from course_lib.cnsd.sampler import (
+from course_lib.pipeline.sampler import (
     classifier_free_guidance, ddim_sample, ddim_timesteps, ddpm_alphas_cumprod, guided_eps,
     make_ddim_schedule,
 )

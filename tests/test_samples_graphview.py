@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.graphview import io_table, op_census
-from course_lib.onnx_export import export_onnx
+from course_lib.onnx.graph import io_table, op_census
+from course_lib.onnx.export import export_onnx
 from course_lib.samples import center_crop_resize, read_image, sample_photo, write_image
 
 

@@ -12,7 +12,7 @@ import torch
 from course_lib.env import MissingDependency, has_module
 from course_lib.score import (
     FID_WEIGHTS_FILE, check_fid_weights, course_score, max_pixel_diff, pd_factor, perceptual_distance, psnr,
-    score_folder, score_table, time_process,
+    score_folder, score_table,
 )
 
 
@@ -74,14 +74,6 @@ def test_missing_fid_weights_are_never_downloaded(tmp_path):
         check_fid_weights(tmp_path / FID_WEIGHTS_FILE)
     (tmp_path / FID_WEIGHTS_FILE).write_bytes(b"x")
     assert check_fid_weights(tmp_path / FID_WEIGHTS_FILE).name == FID_WEIGHTS_FILE
-
-
-def test_time_process_counts_and_syncs():
-    calls, syncs = [], []
-    times = time_process(lambda: calls.append(1), n_warmup=2, n=3, sync=lambda: syncs.append(1))
-    assert len(calls) == 5 and len(syncs) == 6 and len(times) == 3 and all(t >= 0 for t in times)
-    with pytest.raises(ValueError, match="n=0"):
-        time_process(lambda: None, n=0)
 
 
 def _write_images(folder, values):

@@ -1,4 +1,4 @@
-"""course_lib.smoothquant (chapter 5): same function, narrower per-channel activation ranges."""
+"""course_lib.precision.smoothquant (chapter 5): same function, narrower per-channel activation ranges."""
 import copy
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from course_lib.cnsd import build_cnsd, contracts, example_inputs, get_config
-from course_lib.smoothquant import (activation_channel_max, outlier_ratio, plot_channel_ranges,
+from course_lib.precision.smoothquant import (activation_channel_max, outlier_ratio, plot_channel_ranges,
                                     smooth_layernorm_linears, smooth_transformer_blocks, smoothing_scales)
 
 

@@ -1,4 +1,4 @@
-"""course_lib.submit (homework submission): what goes into the zip, and the errors a student sees.
+"""course_lib.homework.submit (homework submission): what goes into the zip, and the errors a student sees.
 
 Homework 2's evidence (timings and plan sidecars) is written here as test data, so these tests need no
 model; the full HW1 and HW3 submissions are made (and graded) in test_grade.py.
@@ -14,10 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from course_lib.handin import save_fused_weights
+from course_lib.homework.handin import save_fused_weights
 from course_lib.homework import TESTS, homework_name
-from course_lib.safezip import ZipLimits, check_external_data, sha256_file
-from course_lib.submit import FORMAT, collect, machine_info, sanitize_student_id, strip_weights, submit
+from course_lib.homework.safezip import ZipLimits, check_external_data, sha256_file
+from course_lib.homework.submit import FORMAT, collect, machine_info, sanitize_student_id, strip_weights, submit
 
 
 def test_student_ids():

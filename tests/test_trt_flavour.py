@@ -77,8 +77,10 @@ def test_features_on_the_real_module(name):
 
 
 def test_what_each_flavour_can_do_on_a_machine():
-    assert flavour.can_build("tensorrt_rtx", "1.7.1.116", None) and not flavour.can_build("tensorrt", "10.13", None)
-    assert not flavour.can_run("tensorrt_rtx", "1.7.1.116", "90") and flavour.can_run("tensorrt_rtx", "1.7", "8.6")
-    assert flavour.can_run("tensorrt", "10.13", "90") and not flavour.can_run("tensorrt", None, "90")
-    assert flavour.status_line("tensorrt", None, None, None) == "not installed (pip install tensorrt-cu13)"
-    assert flavour.cc_dotted("120") == "12.0" and flavour.cc_digits((8, 9)) == "89"
+    from course_lib import env
+
+    assert env.can_build("tensorrt_rtx", "1.7.1.116", None) and not env.can_build("tensorrt", "10.13", None)
+    assert not env.can_run("tensorrt_rtx", "1.7.1.116", "90") and env.can_run("tensorrt_rtx", "1.7", "8.6")
+    assert env.can_run("tensorrt", "10.13", "90") and not env.can_run("tensorrt", None, "90")
+    assert env.status_line("tensorrt", None, None, None) == "not installed (pip install tensorrt-cu13)"
+    assert env.cc_dotted("120") == "12.0" and env.cc_digits((8, 9)) == "89"

@@ -1,4 +1,4 @@
-"""The plan sidecar and atomic writes (chapter 2), on CPU."""
+"""The plan sidecar (chapter 2), on CPU."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from course_lib.trt.plan import (
-    PlanSidecar, atomic_write_bytes, atomic_write_text, check_sidecar, file_sha256, normalize_cc,
+    PlanSidecar, check_sidecar, normalize_cc,
     read_sidecar, sidecar_path, write_sidecar,
 )
 
@@ -23,25 +23,12 @@ def _sidecar(**changes) -> PlanSidecar:
     return PlanSidecar(**fields)
 
 
-def test_atomic_write_leaves_no_temp_files(tmp_path):
-    target = tmp_path / "sub" / "x.plan"
-    atomic_write_bytes(target, b"plan bytes")
-    atomic_write_text(tmp_path / "t.txt", "héllo")
-    assert target.read_bytes() == b"plan bytes"
-    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo"
-    with pytest.raises(TypeError):
-        atomic_write_bytes(tmp_path / "broken.plan", object())  # not a buffer: fails mid-write
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["t.txt", "x.plan"]
-
-
 def test_sidecar_round_trip(tmp_path):
     plan = tmp_path / "unet.plan"
     assert sidecar_path(plan).name == "unet.plan.json"
     write_sidecar(plan, _sidecar())
     assert read_sidecar(plan) == _sidecar()
     assert json.loads(sidecar_path(plan).read_text())["builder_optimization_level"] == 3
-    (tmp_path / "abc.onnx").write_bytes(b"abc")
-    assert file_sha256(tmp_path / "abc.onnx") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
 def test_read_sidecar_errors(tmp_path):

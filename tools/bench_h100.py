@@ -5,7 +5,7 @@
         --steps 2 --curve-steps 1 --reuse "" --variants fp32-separate,fp32-batched --skip-errors   # CPU smoke test
 
 One process: build the model, measure the compute ceiling (a large fp16 matmul), compare each
-sub-model in fp16 with fp32, then run the variants of course_lib.fastpath (whole pipeline with CUDA
+sub-model in fp16 with fp32, then run the variants of course_lib.pipeline.fastpath (whole pipeline with CUDA
 events, warm-up, median and spread over N images; per-stage times; PSNR against the fp32 image),
 torch.compile variants last and only if the time budget allows, then the fewer-steps and eps-reuse
 curve on the last variant (reusing its pipeline: no new graph capture or compile). Writes, atomically:
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from course_lib import bench  # noqa: E402
-from course_lib.fastpath import LADDER, Switches, to_half  # noqa: E402
+from course_lib import bench, files, timing  # noqa: E402
+from course_lib.pipeline.fastpath import LADDER, Switches, to_half  # noqa: E402
 
 
 
@@ -36,7 +36,7 @@ def matmul_tflops(device: str, n: int = 8192, iters: int = 10) -> float | None:
     if device != "cuda":
         return None
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.float16) for _ in range(2))
-    ms = bench.summarize(bench.time_cuda(lambda: a @ b, warmup=3, iters=iters))["median"]
+    ms = timing.summarize(timing.time_cuda(lambda: a @ b, warmup=3, iters=iters))["median"]
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     say(f"per-model errors: {run['model_errors']}")
 
     def save():
-        bench.write_json(out / "bench.json", run)
+        files.write_json(out / "bench.json", run)
         try:
             report(run, out, args.config)
         except Exception as e:  # noqa: BLE001 - a plotting problem must not stop the measurements
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                                      warmup=args.warmup, steps=args.steps, reference_image=reference, stages=stages,
                                      pipes=pipes)
             if "total" in r:
-                say(f"{name}: median {r['total']['median']:.1f} ms (p10-p90 {bench.spread(r['total'])}), "
+                say(f"{name}: median {r['total']['median']:.1f} ms (p10-p90 {timing.spread(r['total'])}), "
                     f"first call {r['first_call_ms']:.0f} ms, PSNR {r.get('psnr_vs_fp32')}")
             else:
                 say(f"{name}: skipped ({r['skipped']})")
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     run["baseline"] = baseline["variant"]
     save()
     if reference is not None and args.device == "cuda":          # how far the TF32 default is from strict fp32
-        from course_lib.cnsd.pipeline import Canny2Image
+        from course_lib.pipeline.canny2image import Canny2Image
         from course_lib.score import psnr
         tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
         strict = Canny2Image.from_torch(models["fp32"], tokenizer, device=args.device, progress=False).process(
@@ -207,12 +207,12 @@ def report(run: dict, out: Path, config: str) -> str:
           bench.variant_table(run["results"], baseline=run.get("baseline"), floor=floor), "",
           bench.stage_table(run["results"]), "",
           "Per-model error of the fp16 model against fp32 (relative L2, worst output):", "",
-          bench.markdown_table(["model", *errors], [[m, *(e[m]["rel_l2"] for e in errors.values())]
+          timing.markdown_table(["model", *errors], [[m, *(e[m]["rel_l2"] for e in errors.values())]
                                                     for m in ("clip", "controlnet", "unet", "decoder")])
           if errors else "(not measured)", "",
           "Latency/quality curve (PSNR against the same variant at full steps, and against the fp32 image):", "",
-          bench.markdown_table(["variant", "median ms", "p10-p90", "PSNR vs full steps", "PSNR vs fp32", "eps reused"],
-                               [[r["variant"], r["total"]["median"], bench.spread(r["total"]), r.get("psnr_vs_20_steps"),
+          timing.markdown_table(["variant", "median ms", "p10-p90", "PSNR vs full steps", "PSNR vs fp32", "eps reused"],
+                               [[r["variant"], r["total"]["median"], timing.spread(r["total"]), r.get("psnr_vs_20_steps"),
                                  r.get("psnr_vs_fp32"), r.get("reused_steps")] for r in run["curve"] if "total" in r])]
     text = "\n".join(md) + "\n"
     tmp = out / ".bench.md.tmp"

@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 from course_lib.cnsd import build_cnsd, get_config  # noqa: E402
 from course_lib.cnsd.fusion import fuse_qkv, time_attention  # noqa: E402
-from course_lib.grade import grade_folder  # noqa: E402
-from course_lib.handin import write_hw1_evidence, write_hw3_evidence, write_int8_evidence  # noqa: E402
-from course_lib.submit import submit  # noqa: E402
+from course_lib.homework.grade import grade_folder  # noqa: E402
+from course_lib.homework.handin import write_hw1_evidence, write_hw3_evidence, write_int8_evidence  # noqa: E402
+from course_lib.homework.submit import submit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import CLIPTextConfig
+from course_lib.cnsd.config import CLIPTextConfig
 
 MASK_VALUE = -1.0e4
 
@@ -77,6 +77,11 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
 
 class CLIPTextTransformer(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
@@ -84,6 +89,12 @@ class CLIPTextTransformer(nn.Module):
         self.embeddings = CLIPEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(input_ids)                              # (B, T, C)
+        n = input_ids.shape[1]
+        mask = torch.full((n, n), MASK_VALUE, dtype=x.dtype, device=x.device).triu(1)  # (T, T), causal
+        return self.final_layer_norm(self.encoder(x, mask))
 
 
 class CLIPTextModel(nn.Module):
@@ -103,10 +114,4 @@ class CLIPTextModel(nn.Module):
         elif input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens: at most "
                              f"{self.config.max_position_embeddings} fit the position embedding")
-        tm = self.text_model
-        x = tm.embeddings(input_ids)
-        n = input_ids.shape[1]
-        mask = torch.full((n, n), MASK_VALUE, dtype=x.dtype, device=x.device).triu(1)  # (T, T), causal
-        for layer in tm.encoder.layers:
-            x = layer(x, mask)
-        return tm.final_layer_norm(x)
+        return self.text_model(input_ids)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import CONTEXT_LENGTH, CNSDConfig
+from course_lib.cnsd.config import CONTEXT_LENGTH, CNSDConfig
 
 MODEL_NAMES = ("clip", "controlnet", "unet", "decoder")
 NUM_CONTROLS = 13

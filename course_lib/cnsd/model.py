@@ -7,13 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .clip import CLIPTextModel
-from .config import CNSDConfig
-from .contract import MODEL_NAMES, NUM_CONTROLS
-from .controlnet import ControlNet
-from .init import randomize_weights
-from .unet import ControlledUnet
-from .vae import VAEDecoder
+from course_lib.cnsd.attention import SpatialTransformer
+from course_lib.cnsd.clip import CLIPEmbeddings, CLIPTextModel
+from course_lib.cnsd.config import CNSDConfig
+from course_lib.cnsd.contract import MODEL_NAMES, NUM_CONTROLS
+from course_lib.cnsd.controlnet import ControlNet
+from course_lib.cnsd.init import randomize_weights
+from course_lib.cnsd.unet import ControlledUnet, ResBlock
+from course_lib.cnsd.vae import VAEDecoder
 
 
 # the original zero-initialises the ends of residual branches; random weights there are scaled down by this
@@ -80,7 +81,7 @@ def build_cnsd(config: CNSDConfig, seed: int | None = 0) -> CNSD:
             for layer in zero_module_layers(model):     # residual stream stays O(1) through the depth
                 layer.weight.mul_(ZERO_MODULE_SCALE)
         for m in model.modules():                       # to_empty left the buffers uninitialised too
-            if hasattr(m, "position_ids"):
+            if isinstance(m, CLIPEmbeddings):
                 m.position_ids.copy_(torch.arange(m.position_ids.shape[1])[None])
     return model.eval()
 
@@ -93,9 +94,9 @@ def zero_module_layers(model: CNSD) -> list[nn.Module]:
     layers += [zc[0] for zc in model.controlnet.zero_convs]
     for net in (model.unet, model.controlnet):
         for m in net.modules():
-            if hasattr(m, "out_layers"):
+            if isinstance(m, ResBlock):
                 layers.append(m.out_layers[-1])
-            if hasattr(m, "proj_out") and hasattr(m, "transformer_blocks"):
+            elif isinstance(m, SpatialTransformer):
                 layers.append(m.proj_out)
     return layers
 

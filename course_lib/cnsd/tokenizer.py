@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import regex
 import torch
 
-from .config import CONTEXT_LENGTH
+from course_lib.cnsd.config import CONTEXT_LENGTH
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges: 256 + 256 + 48894 + 2 = 49408 tokens

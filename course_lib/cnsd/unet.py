@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SpatialTransformer
-from .config import UNetConfig
-from .contract import NUM_CONTROLS
+from course_lib.cnsd.attention import SpatialTransformer
+from course_lib.cnsd.config import UNetConfig
+from course_lib.cnsd.contract import NUM_CONTROLS
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:

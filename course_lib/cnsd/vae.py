@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VAEConfig
-from .unet import Upsample  # nearest x2 then a 3x3 conv named ``conv``, as in ldm's VAE
+from course_lib.cnsd.config import VAEConfig
+from course_lib.cnsd.unet import Upsample  # nearest x2 then a 3x3 conv named ``conv``, as in ldm's VAE
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -1,6 +1,6 @@
 """The homeworks: what each hands in, and the tests that grade it.
 
-Used by the homework submission and grading (:mod:`course_lib.submit`, :mod:`course_lib.grade`). The same
+Used by the homework submission and grading (:mod:`course_lib.homework.submit`, :mod:`course_lib.homework.grade`). The same
 test functions run twice: by ``submit`` on the student's machine (the results go into the zip's
 ``checks.json``) and by ``grade`` on the instructor's CPU machine, on fresh inputs derived from the seed
 the instructor issued. A test's ``kind`` says how far the grader can trust it:
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import hw1, hw2, hw3, int8
-from .evidence import (ARTIFACTS, FOLDERS, HOMEWORKS, MODELS, Artifact, Evidence, HomeworkTest, NotApplicable,
+from course_lib.homework import hw1, hw2, hw3, int8
+from course_lib.homework.evidence import (ARTIFACTS, FOLDERS, HOMEWORKS, MODELS, Artifact, Evidence, HomeworkTest, NotApplicable,
                        NotRecheckable, Verdict, derive_seed, homework_name, manifest_versions, seed_issued)
-from .hw3 import fused_weight_problem
+from course_lib.homework.hw3 import fused_weight_problem
 
 __all__ = ["ARTIFACTS", "FOLDERS", "HOMEWORKS", "MODELS", "TESTS", "Artifact", "Evidence", "HomeworkTest",
            "NotApplicable", "NotRecheckable", "Outcome", "Verdict", "derive_seed", "fused_weight_problem",

@@ -1,6 +1,6 @@
 """The homeworks' common ground: what each hands in, the evidence the tests read, and how a test is described.
 
-Homework submission and grading (:mod:`course_lib.submit`, :mod:`course_lib.grade`): :data:`ARTIFACTS` lists
+Homework submission and grading (:mod:`course_lib.homework.submit`, :mod:`course_lib.homework.grade`): :data:`ARTIFACTS` lists
 each homework's files with the chapter cell that makes them; :class:`Evidence` is one homework's folder plus
 what the tests need (seed, versions, the reference model); :class:`HomeworkTest` is one graded test. The
 two tests every homework has are here too: :func:`manifest_versions` and :func:`seed_issued`.
@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from course_lib.cnsd.contract import MODEL_NAMES
+
 HOMEWORKS = ("1", "2", "3", "int8")
 FOLDERS = {"1": "hw1", "2": "hw2", "3": "hw3", "int8": "int8"}
-MODELS = ("clip", "controlnet", "unet", "decoder")
+MODELS = MODEL_NAMES
 
 
 class NotRecheckable(Exception):
@@ -138,7 +140,7 @@ class Evidence:
 @functools.lru_cache(maxsize=1)
 def _tiny_reference(seed: int):
     """The tiny preset's reference model for ``seed`` (kept for the next submission with the same seed)."""
-    from ..cnsd import build_cnsd, get_config
+    from course_lib.cnsd import build_cnsd, get_config
     return build_cnsd(get_config("tiny"), seed=seed)
 
 
@@ -229,5 +231,5 @@ def run_reference(reference, name: str, feed: dict) -> tuple:
 
 def contract_of(ev: Evidence, name: str, graph):
     """The course's contract of sub-model ``name`` at the size ``graph`` was exported at."""
-    from ..cnsd import contracts, get_config
+    from course_lib.cnsd import contracts, get_config
     return contracts(get_config(ev.config), *model_size(graph, name))[name]

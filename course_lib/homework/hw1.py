@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .evidence import (MODELS, Evidence, NotApplicable, NotRecheckable, Verdict, contract_of, graph_io, model_size,
+from course_lib.homework.evidence import (MODELS, Evidence, NotApplicable, NotRecheckable, Verdict, contract_of, graph_io, model_size,
                        onnx_graph, run_reference)
 
 IMAGE_MIN_PSNR = 30.0                  # dB: same model, other backend or machine (GPU vs CPU torch: ~60)
@@ -19,7 +19,7 @@ TRT_IMAGE_MIN_PSNR = 25.0              # dB: TensorRT fp32 (TF32 tactics) agains
 
 def onnx_contract(ev: Evidence) -> Verdict:
     """HW1: the four ONNX files pass onnx.checker and have the contract's names, dtypes and static shapes."""
-    from ..onnx_export import load_onnx_checked
+    from course_lib.onnx.export import load_onnx_checked
     for name in MODELS:
         rel = f"onnx/{name}.onnx"
         if rel not in ev.stripped:
@@ -40,7 +40,7 @@ def onnx_contract(ev: Evidence) -> Verdict:
 
 def onnx_sidecars(ev: Evidence) -> Verdict:
     """HW1: each ONNX file's sidecar names its SHA-256, inputs and outputs, opset 18."""
-    from ..safezip import sha256_file
+    from course_lib.homework.safezip import sha256_file
     for name in MODELS:
         rel = f"onnx/{name}.onnx"
         side = ev.json(rel + ".json")
@@ -57,8 +57,9 @@ def onnx_sidecars(ev: Evidence) -> Verdict:
 
 def parity_test(name: str) -> Callable[[Evidence], Verdict]:
     def onnx_parity(ev: Evidence) -> Verdict:
-        from ..cnsd import example_inputs
-        from ..compare import compare_outputs, ort_session, run_ort
+        from course_lib.cnsd import example_inputs
+        from course_lib.onnx.compare import compare_outputs
+        from course_lib.onnx.session import ort_session, run_ort
         path = ev.with_weights(f"onnx/{name}.onnx")
         reference, graph = ev.reference(), onnx_graph(path)
         contract = contract_of(ev, name, graph)
@@ -75,12 +76,12 @@ def parity_test(name: str) -> Callable[[Evidence], Verdict]:
 
 
 def _image(ev: Evidence, name: str) -> np.ndarray:
-    from ..samples import read_image
+    from course_lib.samples import read_image
     return read_image(ev.path(name))
 
 
 def _agree(a: np.ndarray, b: np.ndarray, min_psnr: float, what: str) -> Verdict:
-    from ..score import max_pixel_diff, psnr
+    from course_lib.score import max_pixel_diff, psnr
     if a.shape != b.shape:
         return False, f"{what}: shapes {a.shape} and {b.shape} differ"
     value = psnr(a, b)
@@ -98,8 +99,8 @@ def images_agree(ev: Evidence) -> Verdict:
 
 def image_rerun(ev: Evidence) -> Verdict:
     """HW1: canny2image on the reference model, with run.json's settings and input, gives the torch image."""
-    from ..cnsd.pipeline import Canny2Image
-    from ..cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
+    from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
     run = ev.json("run.json")
     settings = {k: run[k] for k in ("image_resolution", "ddim_steps", "seed", "scale", "strength", "eta",
                                     "low_threshold", "high_threshold") if k in run}
@@ -118,8 +119,8 @@ def image_rerun(ev: Evidence) -> Verdict:
 def engines(ev: Evidence) -> Verdict:
     """HW1 (GPU): a plan sidecar per model, built from the handed-in ONNX by the manifest's TensorRT and GPU,
     and the TensorRT image agrees with the torch image."""
-    from ..safezip import sha256_file
-    from ..trt.plan import PlanSidecar
+    from course_lib.homework.safezip import sha256_file
+    from course_lib.trt.plan import PlanSidecar
     if not list(ev.root.glob("plans/*.plan.json")):
         raise NotApplicable("no plan sidecars (plans/*.plan.json): the engines were not built")
     tensorrt = (ev.machine.get("versions") or {}).get("tensorrt")

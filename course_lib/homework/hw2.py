@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .evidence import MODELS, Evidence, Verdict
+from course_lib.homework.evidence import MODELS, Evidence, Verdict
 
 HW2_LEVELS = (0, 3, 5)                 # builder_optimization_level the homework asks for
 MIN_SAMPLES = 10                       # raw timing samples per measurement
@@ -48,7 +48,7 @@ def hw2_raw_samples(ev: Evidence) -> Verdict:
 
 def summary_mismatch(summary: dict, raw) -> str | None:
     """None when ``summary``'s median, p10, p90, min, max and mean are those of ``raw``, else which differs."""
-    from ..bench import summarize
+    from course_lib.timing import summarize
     again = summarize(raw)
     for key in ("median", "p10", "p90", "min", "max", "mean"):
         value = summary.get(key)
@@ -81,7 +81,7 @@ def hw2_graph_ordering(ev: Evidence) -> Verdict:
 
 def hw2_plans(ev: Evidence) -> Verdict:
     """HW2: a plan sidecar per engine and level, at that level, with the manifest's TensorRT and GPU."""
-    from ..trt.plan import PlanSidecar
+    from course_lib.trt.plan import PlanSidecar
     tensorrt = (ev.machine.get("versions") or {}).get("tensorrt")
     levels = {(r.get("model"), r.get("opt_level")) for r in _records(ev)}
     for model, level in sorted(levels, key=str):

@@ -1,7 +1,7 @@
 """Homework 3's tests (chapter 4): the fused ONNX graphs' MatMul counts, the fused weights against the
 concatenated loaded weights (wrong order, fused before loading), ONNX Runtime against the unfused reference.
 
-Used by the homework submission and grading; see :mod:`course_lib.homework` (and :func:`course_lib.hw3.check_hw3`,
+Used by the homework submission and grading; see :mod:`course_lib.homework` (and :func:`course_lib.homework.check_hw3.check_hw3`,
 whose checks these reuse).
 """
 from __future__ import annotations
@@ -12,14 +12,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .evidence import Evidence, NotApplicable, Verdict, strict_fp32
+from course_lib.homework.evidence import Evidence, NotApplicable, Verdict, strict_fp32
 
 
 
 def matmul_count_test(name: str) -> Callable[[Evidence], Verdict]:
     def matmul_count(ev: Evidence) -> Verdict:
-        from ..cnsd import get_config
-        from ..cnsd.fusion import count_attention_matmuls, expected_matmul_counts
+        from course_lib.cnsd import get_config
+        from course_lib.onnx.attention_census import count_attention_matmuls, expected_matmul_counts
         found = count_attention_matmuls(ev.path(f"onnx/{name}.onnx"))
         expected = expected_matmul_counts(get_config(ev.config), name, fused=True)
         wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if found[k] != expected[k]]
@@ -32,9 +32,9 @@ def matmul_count_test(name: str) -> Callable[[Evidence], Verdict]:
 @functools.lru_cache(maxsize=2)
 def _attention_layers(config_name: str) -> dict[str, bool]:
     import torch
-    from ..cnsd import get_config
-    from ..cnsd.attention import CrossAttention
-    from ..cnsd.model import CNSD
+    from course_lib.cnsd import get_config
+    from course_lib.cnsd.attention import CrossAttention
+    from course_lib.cnsd.model import CNSD
     with torch.device("meta"):
         layout = CNSD(get_config(config_name))
     return {p: m.is_self_attention for p, m in layout.named_modules() if isinstance(m, CrossAttention)}
@@ -106,7 +106,7 @@ def hw3_fused_weights(ev: Evidence) -> Verdict:
 
 def onnx_outputs_test(name: str) -> Callable[[Evidence], Verdict]:
     def onnx_outputs(ev: Evidence) -> Verdict:
-        from ..hw3 import check_hw3
+        from course_lib.homework.check_hw3 import check_hw3
         path = str(ev.with_weights(f"onnx/{name}.onnx"))
         with strict_fp32():
             check = check_hw3(path, ev.reference(), seed=ev.input_seed)["onnx_outputs"]

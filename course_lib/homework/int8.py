@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from .evidence import Evidence, Verdict, contract_of, graph_io, onnx_graph, run_reference
+from course_lib.homework.evidence import Evidence, Verdict, contract_of, graph_io, onnx_graph, run_reference
 
 INT8_MIN_COSINE = 0.98                 # INT8 outputs against the fp32 reference
 INT8_MIN_SHARE = 0.5                   # of the Conv/MatMul/Gemm layers
@@ -24,7 +24,7 @@ def _int8_files(ev: Evidence) -> list[str]:
 
 def int8_qdq_rules(ev: Evidence) -> Verdict:
     """INT8: check_qdq re-run: INT8 Q/DQ with zero point 0, Q followed by DQ, standard domain, float biases."""
-    from ..quantize import check_qdq
+    from course_lib.precision.int8 import check_qdq
     for name in _int8_files(ev):
         report = check_qdq(ev.path(name))
         if not report.passed:
@@ -35,7 +35,7 @@ def int8_qdq_rules(ev: Evidence) -> Verdict:
 
 def int8_coverage(ev: Evidence) -> Verdict:
     """INT8: at least half of the Conv/ConvTranspose/MatMul/Gemm layers run in INT8."""
-    from ..quantize import check_qdq
+    from course_lib.precision.int8 import check_qdq
     shares = []
     for name in _int8_files(ev):
         r = check_qdq(ev.path(name))
@@ -48,7 +48,7 @@ def int8_coverage(ev: Evidence) -> Verdict:
 
 def int8_sidecar(ev: Evidence) -> Verdict:
     """INT8: each sidecar's recorded check equals the check re-run on the file (consistency)."""
-    from ..quantize import check_qdq
+    from course_lib.precision.int8 import check_qdq
     for name in _int8_files(ev):
         recorded = (ev.json(name + ".json") or {}).get("check")
         again = json.loads(json.dumps(check_qdq(ev.path(name)).summary()))
@@ -59,8 +59,8 @@ def int8_sidecar(ev: Evidence) -> Verdict:
 
 def int8_outputs(ev: Evidence) -> Verdict:
     """INT8: ONNX Runtime's outputs of the Q/DQ models follow the fp32 reference (cosine >= 0.98, finite)."""
-    from ..cnsd import example_inputs
-    from ..compare import run_ort
+    from course_lib.cnsd import example_inputs
+    from course_lib.onnx.session import run_ort
     notes = []
     for name in _int8_files(ev):
         path = ev.with_weights(name)

@@ -3,11 +3,13 @@
 * :mod:`.flavour`   which TensorRT: full TensorRT or TensorRT for RTX, and where their APIs differ
 * :mod:`.network`   an ONNX parsed into a TensorRT network: layer count, census of layer types
 * :mod:`.profiles`  optimization profiles from ONNX inputs (static, dynamic) -- pure Python
-* :mod:`.plan`      the plan's JSON sidecar and atomic writes -- pure Python
+* :mod:`.plan`      the plan's JSON sidecar and its check against this machine -- pure Python
 * :mod:`.logger`    TensorRT's log through Python ``logging``
 * :mod:`.build`     ONNX -> plan (``build_engine_plan``, ``build_plans``) and the TRT 8 -> 10 table
 * :mod:`.engine`    ``Engine``: load, activate, allocate buffers by name, infer
+* :mod:`.runtime_config` the engine's runtime config: TensorRT for RTX's JIT-kernel cache and CUDA graphs
 * :mod:`.cudagraph` CUDA graph capture / replay (chapter 3)
+* :mod:`.sweep`     homework 2's sweep over optimization levels and CUDA graphs
 
 Importing this package never imports TensorRT; the functions that need it call
 :func:`require_tensorrt`, which raises ``MissingDependency`` with one sentence (naming both
@@ -15,17 +17,7 @@ packages) when neither is installed.
 """
 from __future__ import annotations
 
-
-def require_tensorrt(purpose: str = "building and running TensorRT plans", tensorrt: str | None = None):
-    """Chapter 2: the TensorRT module in force (``tensorrt`` or ``tensorrt_rtx``, see :mod:`.flavour`).
-
-    ``tensorrt``: ``"auto"``, ``"tensorrt"`` or ``"tensorrt_rtx"``; None: ``--tensorrt`` /
-    ``$COURSE_TENSORRT`` / auto. Raises ``course_lib.env.MissingDependency`` saying what to install;
-    the CLI prints its one line and exits with status 2.
-    """
-    from .flavour import load
-
-    return load(tensorrt, purpose)
+from course_lib.trt.flavour import require_tensorrt
 
 
 def tensorrt_version(tensorrt: str | None = None) -> str | None:
@@ -38,13 +30,13 @@ def tensorrt_version(tensorrt: str | None = None) -> str | None:
         return None
 
 
-from .build import TRT8_TO_TRT10, build_engine_plan, build_plans, migration_table  # noqa: E402
-from .cudagraph import CudaGraphRunner, GraphAction, GraphPolicy, GraphState, TorchGraphed  # noqa: E402
-from .engine import Engine, check_feed, shared_device_memory, torch_dtype  # noqa: E402
-from .flavour import FeatureMissing, has_feature, require_feature  # noqa: E402
-from .network import NetworkSummary, inspect_onnx, layer_census  # noqa: E402
-from .plan import PlanSidecar, check_sidecar, read_sidecar, sidecar_path, write_sidecar  # noqa: E402
-from .profiles import (  # noqa: E402
+from course_lib.trt.build import TRT8_TO_TRT10, build_engine_plan, build_plans, migration_table  # noqa: E402
+from course_lib.trt.cudagraph import CudaGraphRunner, GraphAction, GraphPolicy, GraphState, TorchGraphed  # noqa: E402
+from course_lib.trt.engine import Engine, check_feed, shared_device_memory, torch_dtype  # noqa: E402
+from course_lib.trt.flavour import FeatureMissing, has_feature, require_feature  # noqa: E402
+from course_lib.trt.network import NetworkSummary, inspect_onnx, layer_census  # noqa: E402
+from course_lib.trt.plan import PlanSidecar, check_sidecar, read_sidecar, sidecar_path, write_sidecar  # noqa: E402
+from course_lib.trt.profiles import (  # noqa: E402
     check_profile, dims_from_contract, dynamic_profile, onnx_input_dims, profile_table, shapes_at, static_profile,
 )
 

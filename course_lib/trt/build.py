@@ -22,15 +22,16 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .flavour import RTX_DEFAULT_CCS, compute_capability_enum, flavour_of, is_rtx, label, require_feature
-from .network import parse_onnx, summarize_network
-from .plan import PlanSidecar, ahead_of_time_target, atomic_write_bytes, dotted_cc, file_sha256, normalize_cc, \
-    this_gpu, write_sidecar
-from .profiles import (
+from course_lib.cnsd.contract import MODEL_NAMES
+from course_lib.files import atomic_write_bytes, sha256_file
+from course_lib.trt.flavour import RTX_DEFAULT_CCS, compute_capability_enum, flavour_of, is_rtx, label, require_feature
+from course_lib.trt.network import parse_onnx, summarize_network
+from course_lib.trt.plan import PlanSidecar, ahead_of_time_target, dotted_cc, normalize_cc, this_gpu, write_sidecar
+from course_lib.trt.profiles import (
     Profile, check_profile, dynamic_profile, onnx_input_dims, profile_to_json, shapes_at, static_profile,
 )
 
-MODEL_FILES = ("clip", "controlnet", "unet", "decoder")
+MODEL_FILES = MODEL_NAMES
 _BUILT: list[dict] = []   # every plan this process built: {"plan", "tensorrt", "seconds", "bytes"}
 
 # (TensorRT 8 call in the original course scripts, its TensorRT 10/11 replacement)
@@ -134,8 +135,8 @@ def build_engine_plan(onnx_path: str | Path, plan_path: str | Path, profiles: Pr
     capture (chapter 3) needs on its plans.
     A flavour asked for what it lacks raises ``FeatureMissing`` (a ValueError), before any work.
     """
-    from . import require_tensorrt
-    from .logger import get_logger
+    from course_lib.trt.flavour import require_tensorrt
+    from course_lib.trt.logger import get_logger
 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
@@ -220,7 +221,7 @@ def build_engine_plan(onnx_path: str | Path, plan_path: str | Path, profiles: Pr
         precision="fp16 builder flag" if fp16_flag else f"as in the ONNX ({onnx_precision(onnx_path)})",
         builder_optimization_level=opt_level, workspace_gib=workspace_gib, strongly_typed=parsed.strongly_typed,
         build_seconds=round(seconds, 2), built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        onnx_path=str(onnx_path), onnx_sha256=file_sha256(onnx_path),
+        onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
         extra={"layers": parsed.layers, "layer_types": parsed.census, "user_allocation": user_allocation},
         flavour=flavour_of(trt), target=target, compute_capabilities=[normalize_cc(t) for t in targets],
     )

@@ -12,7 +12,7 @@ tensors, so the pipeline hands them around without copies.
 Both TensorRT flavours (:mod:`.flavour`). ``load()`` checks the plan's sidecar first (flavour,
 version, GPU: one line saying which differs), before TensorRT deserializes anything. With TensorRT
 for RTX, ``activate()`` goes through the engine's runtime config: the runtime cache of JIT-compiled
-kernels is kept beside the plan (:mod:`.runtime_cache`), and ``Engine(..., tensorrt_graphs=True)``
+kernels is kept beside the plan (:mod:`.runtime_config`), and ``Engine(..., tensorrt_graphs=True)``
 lets TensorRT for RTX capture CUDA graphs itself (its CUDA-graph strategy) instead of the course's
 capture (``infer(..., use_cuda_graph=True)``). The TensorRT for RTX runtime path is unverified on a
 GPU: the course's CI has no RTX-class GPU (see chapter 2).
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .cudagraph import CudaGraphRunner, GraphAction
+from course_lib.trt.cudagraph import CudaGraphRunner, GraphAction
 
 # TensorRT DataType member name -> torch dtype (looked up by name: no TensorRT needed)
 TRT_TO_TORCH = {
@@ -115,10 +115,10 @@ class Engine:
 
     def load(self) -> "Engine":
         """Check the plan's sidecar against this process and GPU, then deserialize the plan."""
-        from . import require_tensorrt
-        from .flavour import engine_validity, flavour_of, label
-        from .logger import get_logger
-        from .plan import check_sidecar, read_sidecar, rebuild_command, this_gpu
+        from course_lib.trt.flavour import require_tensorrt
+        from course_lib.trt.flavour import engine_validity, flavour_of, label
+        from course_lib.trt.logger import get_logger
+        from course_lib.trt.plan import check_sidecar, read_sidecar, rebuild_command, this_gpu
 
         if not self.plan_path.is_file():
             raise FileNotFoundError(f"plan {self.plan_path} not found: build it with python -m course_lib build")
@@ -131,7 +131,7 @@ class Engine:
         elif cc is None:
             raise RuntimeError(f"plan {self.plan_path.name} needs a CUDA GPU to run and this machine has none")
         if self.tensorrt_graphs:
-            from .flavour import require_feature
+            from course_lib.trt.flavour import require_feature
 
             require_feature(trt, "cuda_graph_strategy")
         logger = get_logger(trt=trt)
@@ -162,42 +162,31 @@ class Engine:
         a runtime config (TensorRT for RTX, recent TensorRT 10), the context is made from one: it
         carries the allocation strategy, the runtime cache and the CUDA-graph strategy.
         """
-        from .flavour import has_feature, require_feature, whole_graph_strategy
-        from .runtime_cache import RuntimeCacheFile, runtime_cache_path
+        from course_lib.trt.flavour import has_feature, require_feature
+        from course_lib.trt.runtime_config import make_runtime_config, runtime_cache_path
 
         if self.engine is None:
             self.load()
-        trt = self.trt
-        want_cache = self.runtime_cache is not False and (self.runtime_cache is not None
-                                                          or has_feature(trt, "runtime_cache"))
-        if want_cache:
+        trt, shared = self.trt, shared_device_memory
+        cache = None if self.runtime_cache is False or (self.runtime_cache is None and not has_feature(
+            trt, "runtime_cache")) else self.runtime_cache
+        if cache is not None:
             require_feature(trt, "runtime_cache")
-        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED if shared_device_memory is not None else None
-        if shared_device_memory is not None:
-            nbytes = shared_device_memory.numel() * shared_device_memory.element_size()
-            if not shared_device_memory.is_cuda or nbytes < self.device_memory_size:
-                raise ValueError(f"shared device memory: expected a CUDA tensor of at least "
-                                 f"{self.device_memory_size} bytes for {self.plan_path.name}, "
-                                 f"got {nbytes} bytes on {shared_device_memory.device}")
+            cache = runtime_cache_path(self.plan_path) if cache is True or cache is None else cache
+        strategy = None if shared is None else trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        nbytes = 0 if shared is None else shared.numel() * shared.element_size()
+        if shared is not None and (not shared.is_cuda or nbytes < self.device_memory_size):
+            raise ValueError(f"shared device memory: expected a CUDA tensor of at least {self.device_memory_size} "
+                             f"bytes for {self.plan_path.name}, got {nbytes} bytes on {shared.device}")
         if hasattr(self.engine, "create_runtime_config"):
-            config = self.engine.create_runtime_config()
-            if strategy is not None:
-                config.set_execution_context_allocation_strategy(strategy)
-            if want_cache:
-                path = runtime_cache_path(self.plan_path) if self.runtime_cache in (None, True) else self.runtime_cache
-                self.cache_file = RuntimeCacheFile(trt, config, path)
-            if self.tensorrt_graphs:
-                config.cuda_graph_strategy = whole_graph_strategy(trt)
-            self._runtime_config = config
-            self.context = self.engine.create_execution_context(config)
-        elif strategy is not None:
-            self.context = self.engine.create_execution_context(strategy)
+            self._runtime_config, self.cache_file = make_runtime_config(trt, self.engine, strategy, cache,
+                                                                        self.tensorrt_graphs)
+            self.context = self.engine.create_execution_context(self._runtime_config)
         else:
-            self.context = self.engine.create_execution_context()
+            self.context = self.engine.create_execution_context(*([strategy] if strategy is not None else []))
         if self.context is None:
             raise RuntimeError(f"TensorRT could not create an execution context for {self.plan_path.name}")
         if shared_device_memory is not None:
-            nbytes = shared_device_memory.numel() * shared_device_memory.element_size()
             if hasattr(self.context, "set_device_memory"):
                 self.context.set_device_memory(shared_device_memory.data_ptr(), nbytes)
             else:

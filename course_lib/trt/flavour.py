@@ -25,15 +25,13 @@ import importlib
 import os
 from dataclasses import dataclass
 
+from course_lib.env import (  # the facts about both flavours live on the ground floor, for `env`
+    FLAVOURS, MissingDependency, PIP, RTX_DEFAULT_CCS, RTX_TARGETABLE_CCS, TRT_LABELS as LABELS, cc_digits, cc_dotted,
+    has_module,
+)
+
 ENV_VAR = "COURSE_TENSORRT"
-FLAVOURS = ("tensorrt", "tensorrt_rtx")      # automatic choice: the first one installed
 CHOICES = ("auto", *FLAVOURS)
-LABELS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT for RTX"}
-PIP = {"tensorrt": "tensorrt-cu13", "tensorrt_rtx": "tensorrt-rtx"}
-# TensorRT for RTX: where its plans run by default, and what a build may target besides
-RTX_DEFAULT_CCS = ("8.0", "8.6", "8.9", "12.0")
-RTX_TARGETABLE_CCS = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
-RTX_GPUS = "A100, A10, RTX 30/40/50 series, L4, L40; not Hopper (H100, H200)"
 
 _selected: str | None = None
 
@@ -112,8 +110,6 @@ def chosen(tensorrt: str | None = None) -> str:
 
 def installed(name: str) -> bool:
     """True when ``import name`` would find the package (nothing is imported)."""
-    from course_lib.env import has_module
-
     return has_module(name)
 
 
@@ -131,8 +127,6 @@ def missing_message(purpose: str = "", name: str | None = None) -> str:
 
 def resolve(tensorrt: str | None = None, purpose: str = "") -> str:
     """The flavour to use (``"tensorrt"`` or ``"tensorrt_rtx"``); MissingDependency when it is absent."""
-    from course_lib.env import MissingDependency
-
     choice = chosen(tensorrt)
     if choice == "auto":
         for name in FLAVOURS:
@@ -149,14 +143,22 @@ def load(tensorrt: str | None = None, purpose: str = ""):
 
     Raises ``course_lib.env.MissingDependency`` with one sentence naming both packages.
     """
-    from course_lib.env import MissingDependency
-
     name = resolve(tensorrt, purpose)
     try:
         return importlib.import_module(name)
     except ImportError as e:  # installed but broken (e.g. a missing CUDA library)
         raise MissingDependency(f"{name} is installed but does not import ({str(e).splitlines()[0]}): "
                                 f"reinstall it (pip install {PIP[name]})") from e
+
+
+def require_tensorrt(purpose: str = "building and running TensorRT plans", tensorrt: str | None = None):
+    """Chapter 2: the TensorRT module in force (``tensorrt`` or ``tensorrt_rtx``).
+
+    ``tensorrt``: ``"auto"``, ``"tensorrt"`` or ``"tensorrt_rtx"``; None: ``--tensorrt`` /
+    ``$COURSE_TENSORRT`` / auto. Raises ``course_lib.env.MissingDependency`` saying what to install;
+    the CLI prints its one line and exits with status 2.
+    """
+    return load(tensorrt, purpose)
 
 
 def flavour_of(trt) -> str:
@@ -204,19 +206,6 @@ def require_feature(trt, feature: str) -> None:
 
 # --- the parts of the API that only one flavour has --------------------------------------------
 
-def cc_digits(cc) -> str:
-    """``"8.6"``, ``(8, 6)``, ``"sm_86"``, ``"86"`` -> ``"86"``."""
-    if isinstance(cc, (tuple, list)):
-        return "".join(str(int(part)) for part in cc)
-    return "".join(ch for ch in str(cc) if ch.isdigit())
-
-
-def cc_dotted(cc) -> str:
-    """``"86"`` -> ``"8.6"``, ``"120"`` -> ``"12.0"``."""
-    digits = cc_digits(cc)
-    return f"{digits[:-1]}.{digits[-1]}" if len(digits) > 1 else digits
-
-
 def compute_capability_enum(trt, cc):
     """The ``trt.ComputeCapability`` member for ``"8.6"`` (TensorRT for RTX only)."""
     require_feature(trt, "compute_capability_targets")
@@ -243,35 +232,3 @@ def engine_validity(trt, runtime, plan_bytes) -> str | None:
     reasons = [name.lower().replace("_", " ") for name, member in flags if int(diagnostics) & int(member)]
     return f"{validity.name.lower()} on this GPU ({', '.join(reasons) or 'no reason given'})"
 
-
-# --- what each flavour can do on this machine (python -m course_lib env) -------------------------
-
-def can_build(name: str, installed_version: str | None, gpu_cc: str | None) -> bool:
-    """TensorRT for RTX builds anywhere; full TensorRT needs a GPU (it times kernels on it)."""
-    return installed_version is not None and (name == "tensorrt_rtx" or gpu_cc is not None)
-
-
-def can_run(name: str, installed_version: str | None, gpu_cc: str | None) -> bool:
-    """Whether this machine runs this flavour's plans: a GPU, and for TensorRT for RTX one it targets."""
-    if installed_version is None or gpu_cc is None:
-        return False
-    return name == "tensorrt" or cc_dotted(gpu_cc) in RTX_DEFAULT_CCS
-
-
-def run_needs(name: str) -> str:
-    """What running this flavour's plans needs, in words."""
-    if name == "tensorrt_rtx":
-        return f"a GPU of compute capability {'/'.join(RTX_DEFAULT_CCS)} ({RTX_GPUS})"
-    return "a CUDA GPU of the compute capability the plan was built on"
-
-
-def status_line(name: str, installed_version: str | None, gpu_name: str | None, gpu_cc: str | None) -> str:
-    """One line for the ``env`` report: installed?, version, build yes/no, run: needs ... (and here?)."""
-    if installed_version is None:
-        return f"not installed (pip install {PIP[name]})"
-    build = "yes" if can_build(name, installed_version, gpu_cc) else "no (needs a CUDA GPU)"
-    if gpu_cc is None:
-        here = "no GPU here"
-    else:
-        here = f"{gpu_name} (sm_{cc_digits(gpu_cc)}): {'yes' if can_run(name, installed_version, gpu_cc) else 'no'}"
-    return f"{installed_version}; build: {build}; run: needs {run_needs(name)} -- {here}"

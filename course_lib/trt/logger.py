@@ -62,7 +62,7 @@ _DEFAULTS: dict[str, object] = {}  # flavour -> the process-wide logger
 
 def _logger_class(trt):
     """Make the ``trt.ILogger`` subclass of this flavour once."""
-    from .flavour import flavour_of
+    from course_lib.trt.flavour import flavour_of
 
     name = flavour_of(trt)
     if name not in _CLASSES:
@@ -97,7 +97,7 @@ def make_logger(min_severity: str = "warning", name: str = LOGGER_NAME, trt=None
     ``trt``: the TensorRT module (default: the flavour in force, :func:`course_lib.trt.require_tensorrt`).
     """
     if trt is None:
-        from course_lib.trt import require_tensorrt
+        from course_lib.trt.flavour import require_tensorrt
 
         trt = require_tensorrt()
     return _logger_class(trt)(min_severity, name)
@@ -109,10 +109,10 @@ def get_logger(min_severity: str | None = None, trt=None):
     ``min_severity`` (``"error"``, ``"warning"``, ``"info"``, ``"verbose"``) changes its level.
     """
     if trt is None:
-        from course_lib.trt import require_tensorrt
+        from course_lib.trt.flavour import require_tensorrt
 
         trt = require_tensorrt()
-    from .flavour import flavour_of
+    from course_lib.trt.flavour import flavour_of
 
     logger = _DEFAULTS.get(flavour_of(trt))
     if logger is None:

@@ -72,7 +72,7 @@ def parse_onnx(trt, builder, onnx_path: str | Path, logger, strongly_typed: bool
     The file is parsed from its path, so external weights (``unet.onnx.data``) are found beside it.
     Raises ValueError with one line naming the node and op the parser rejected.
     """
-    from .flavour import label
+    from course_lib.trt.flavour import label
 
     flags = 0
     if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
@@ -102,7 +102,7 @@ def _shapes(tensors) -> dict[str, tuple[int, ...]]:
 
 def summarize_network(trt, network, onnx_path: str | Path) -> NetworkSummary:
     """A :class:`NetworkSummary` of a network already parsed from ``onnx_path``."""
-    from .flavour import label
+    from course_lib.trt.flavour import label
 
     return NetworkSummary(
         onnx=str(onnx_path), tensorrt=label(trt), layers=int(network.num_layers), census=layer_census(network),
@@ -116,8 +116,8 @@ def inspect_onnx(onnx_path: str | Path, tensorrt: str | None = None, log_level: 
 
     ``tensorrt``: the flavour (``"tensorrt"``, ``"tensorrt_rtx"``, ``"auto"``; None: the one in force).
     """
-    from . import require_tensorrt
-    from .logger import get_logger
+    from course_lib.trt.flavour import require_tensorrt
+    from course_lib.trt.logger import get_logger
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():

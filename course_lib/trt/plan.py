@@ -8,68 +8,26 @@ flavour, its version, the target (GPU and compute capability, or "ahead of time,
 capability ..."), the profiles, the precision, the builder optimization level, the build time and
 the ONNX it came from. :func:`check_sidecar` compares that with this machine before the plan is
 deserialized, and says in one line which part differs and how to rebuild it.
-
-Also here: the atomic write helpers every artifact uses (temp name in the same folder, then
-``os.replace``: nothing half-written ever sits under a final name).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from course_lib.env import cc_digits as normalize_cc   # "8.6", (8, 6), "sm_86" -> "86"
+from course_lib.env import cc_dotted as dotted_cc      # "86" -> "8.6", "120" -> "12.0"
+from course_lib.files import atomic_write_text
 
 SIDECAR_FORMAT = 2       # 2: flavour, target and compute_capabilities added (format-1 sidecars: full TensorRT)
 FLAVOUR_LABELS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT for RTX"}
 
 
-def atomic_write_bytes(path: str | Path, data) -> Path:
-    """Chapter 1: write bytes (or any buffer, e.g. TensorRT's IHostMemory) to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Chapter 1: write UTF-8 text to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of one file (for an ONNX with external data: the graph file only)."""
-    from ..safezip import sha256_file
-    return sha256_file(path)
-
-
 def sidecar_path(plan_path: str | Path) -> Path:
     """``x.plan`` -> ``x.plan.json``."""
     return Path(str(plan_path) + ".json")
-
-
-def normalize_cc(cc) -> str:
-    """A compute capability as digits: ``(8, 6)``, ``"8.6"``, ``"sm_86"`` and ``"86"`` all give ``"86"``."""
-    if isinstance(cc, (tuple, list)):
-        return "".join(str(int(part)) for part in cc)
-    return "".join(ch for ch in str(cc) if ch.isdigit())
-
-
-def dotted_cc(cc) -> str:
-    """``"86"`` -> ``"8.6"``, ``"120"`` -> ``"12.0"`` (how NVIDIA writes compute capabilities)."""
-    digits = normalize_cc(cc)
-    return f"{digits[:-1]}.{digits[-1]}" if len(digits) > 1 else digits
 
 
 def ahead_of_time_target(ccs) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .processing import Detections, PostProcessor, box_iou
+from course_lib.yolov5.processing import Detections, PostProcessor, box_iou
 
 
 def _numpy(x) -> np.ndarray:

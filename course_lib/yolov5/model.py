@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from course_lib.yolov5.init import randomize_
+
 INPUT_NAME = "images"    # the ONNX / TensorRT input name used in chapter 6
 OUTPUT_NAME = "output0"  # the ONNX / TensorRT output name used in chapter 6
 
@@ -228,7 +230,6 @@ class YOLOv5(nn.Module):
         ])
         self._init_detect_biases()
         if seed is not None:
-            from .weights import randomize_   # weights.py imports this module
             randomize_(self, seed)
         self.eval()
 

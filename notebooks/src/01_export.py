@@ -88,7 +88,7 @@ print("seeded init, every control non-zero:        ", all(bool((c != 0).any()) f
 # %%
 import matplotlib.pyplot as plt
 
-from course_lib.cnsd.hint import canny_hint
+from course_lib.pipeline.hint import canny_hint
 from course_lib.samples import sample_photo
 
 photo = sample_photo(size=(256, 384))
@@ -109,7 +109,7 @@ plt.show()
 # fallback, which needs no vocabulary file (sd15 needs CLIP's real BPE vocabulary).
 
 # %%
-from course_lib.cnsd.pipeline import Canny2Image
+from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 
 tokenizer = byte_level_tokenizer()
@@ -136,8 +136,8 @@ print(pipe_torch.last_timings.summary())   # milliseconds per stage on this mach
 # %%
 from pathlib import Path
 
-from course_lib.cnsd.export import check_exports, export_cnsd
-from course_lib.graphview import io_table, op_census
+from course_lib.onnx.export_cnsd import check_exports, export_cnsd
+from course_lib.onnx.graph import io_table, op_census
 
 out = Path("out/01_export")
 results = export_cnsd(model, out, height=128, width=192, progress=False)
@@ -155,7 +155,7 @@ print(io_table(out / "controlnet.onnx"))
 # at the price, in TensorRT, of an optimisation *profile* (min/opt/max) per input (chapter 2).
 
 # %%
-from course_lib.compare import run_ort
+from course_lib.onnx.session import run_ort
 
 dyn = export_cnsd(model, out / "dynamic", height=128, width=192, dynamic={"B", "H", "W"},
                   models=["controlnet"], progress=False)
@@ -173,7 +173,7 @@ for batch, height, width in [(1, 128, 192), (2, 64, 128)]:
 # here we force it on the tiny UNet to see the two files and check ONNX Runtime still finds the weights.
 
 # %%
-from course_lib.onnx_export import export_onnx
+from course_lib.onnx.export import export_onnx
 
 print(f"sd15 UNet weights: {sd15_counts['unet'] * 4 / 1e9:.2f} GB = {sd15_counts['unet'] * 4 / 2**30:.2f} GiB "
       "> protobuf's 2 GiB limit")
@@ -240,7 +240,7 @@ print("Softmax nodes (one per attention layer):", census["Softmax"])
 # middle block.
 
 # %% tags=["interactive"]
-from course_lib.graphview import show_in_netron
+from course_lib.onnx.graph import show_in_netron
 
 show_in_netron(out / "unet.onnx")
 
@@ -263,7 +263,7 @@ print("exercise 1: correct")
 # two latents at once in ONNX Runtime, matching PyTorch.
 
 # %%
-from course_lib.compare import check_onnx_against_torch
+from course_lib.onnx.compare import check_onnx_against_torch
 
 dec = export_cnsd(model, out / "exercise2", height=128, width=192, dynamic={"B"}, models=["decoder"], progress=False)
 two = example_inputs(contracts(tiny, 2, 128, 192)["decoder"], seed=3)
@@ -281,8 +281,8 @@ print("exercise 2: correct")
 # then, in a terminal: `python -m course_lib submit --hw 1 --student YOUR_ID --seed YOUR_SEED --out hw1.zip`.
 
 # %%
-from course_lib.handin import write_hw1_evidence
-from course_lib.submit import submit
+from course_lib.homework.handin import write_hw1_evidence
+from course_lib.homework.submit import submit
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
 write_hw1_evidence(build_cnsd(tiny, seed=SEED), "homework", height=64, width=64, progress=False)

@@ -30,7 +30,7 @@ print(detect().report())   # part 5 needs "TensorRT" and a "CUDA GPU" here
 from pathlib import Path
 
 from course_lib.cnsd import build_cnsd, get_config
-from course_lib.cnsd.export import export_cnsd
+from course_lib.onnx.export_cnsd import export_cnsd
 
 tiny = get_config("tiny")
 model = build_cnsd(tiny, seed=0)
@@ -47,7 +47,7 @@ print(sorted(p.name for p in onnx_dir.glob("*.onnx")))
 
 # %%
 from course_lib.backends import make_backends
-from course_lib.cnsd.pipeline import Canny2Image
+from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.samples import sample_photo
 
@@ -72,7 +72,7 @@ print("same starting noise x_T:", step_err[0] == 0.0, "| every step within 1e-3:
 # %%
 import matplotlib.pyplot as plt
 
-from course_lib.cnsd.sampler import ddim_timesteps
+from course_lib.pipeline.sampler import ddim_timesteps
 
 timesteps = ddim_timesteps(20)[::-1]                         # 951, 901, ..., 1: the order they run
 fig, ax = plt.subplots(figsize=(7, 2.8))
@@ -404,7 +404,7 @@ print(engine.info())
 # so expect differences around 1e-3 of each output's scale, not 1e-6.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
-from course_lib.compare import compare_outputs
+from course_lib.onnx.compare import compare_outputs
 
 feed = example_inputs(table_128["controlnet"], seed=1)
 trt_out = engine.infer({name: t.cuda() for name, t in feed.items()})
@@ -434,7 +434,7 @@ for ax, img, title in zip(axes, (images["torch"], images["trt"]), ("PyTorch (CPU
 plt.show()
 
 # %% [markdown]
-# **CUDA graph on and off.** The same plan, timed per call (`time_process`: warm-up excluded, the GPU
+# **CUDA graph on and off.** The same plan, timed per call (`time_cpu`: warm-up excluded, the GPU
 # synchronized around each call). With the graph the first call warms up, the second captures, the
 # rest replay. The tiny models are launch-bound, so the graph's gain is large here; on sd15 the TA
 # measured 41.6 → 30.9 ms for the fp16 UNet on an RTX 3060.
@@ -442,7 +442,7 @@ plt.show()
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
 from course_lib.backends import TrtBackend
 from course_lib.cnsd import MODEL_NAMES
-from course_lib.score import time_process
+from course_lib.timing import time_cpu
 
 graph_actions = {}
 print(f"{'engine':<11}{'eager ms':>10}{'graph ms':>10}{'speed-up':>10}")
@@ -451,7 +451,7 @@ for name in MODEL_NAMES:
     medians = []
     for use_graph in (False, True):
         trt_backend = TrtBackend(plan_dir / f"{name}.plan", use_cuda_graph=use_graph, copy_outputs=False)
-        medians.append(float(np.median(time_process(lambda: trt_backend.infer(cuda_feed), n_warmup=3, n=50))))
+        medians.append(float(np.median(time_cpu(lambda: trt_backend.infer(cuda_feed), warmup=3, iters=50))))
     graph_actions[name] = trt_backend.engine.last_action
     print(f"{name:<11}{medians[0]:>10.3f}{medians[1]:>10.3f}{medians[0] / medians[1]:>9.2f}x")
 
@@ -493,8 +493,8 @@ print("records (4 engines x 3 levels x graph off/on):", len(records) == 24,
 # `python -m course_lib submit --hw 1 --student YOUR_ID --seed YOUR_SEED --out hw1.zip` (and `--hw 2`).
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
-from course_lib.handin import write_hw1_evidence, write_hw2_evidence
-from course_lib.submit import submit
+from course_lib.homework.handin import write_hw1_evidence, write_hw2_evidence
+from course_lib.homework.submit import submit
 from course_lib.trt import build_plans
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID

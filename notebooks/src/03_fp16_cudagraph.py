@@ -52,7 +52,7 @@ print("256.0**2 in fp16 =", (torch.tensor(256.0, dtype=torch.float16) ** 2).item
 import matplotlib.pyplot as plt
 
 from course_lib.cnsd import build_cnsd, contracts, example_inputs, get_config
-from course_lib.ranges import plot_ranges, survey_ranges
+from course_lib.precision.ranges import plot_ranges, survey_ranges
 
 tiny = get_config("tiny")
 model = build_cnsd(tiny, seed=0)
@@ -102,8 +102,8 @@ plt.show()
 # %% tags=["nbval-ignore-output"]
 from pathlib import Path
 
-from course_lib.cnsd.export import export_cnsd
-from course_lib.precision import precision_report, to_fp16_onnx
+from course_lib.onnx.export_cnsd import export_cnsd
+from course_lib.precision.fp16 import precision_report, to_fp16_onnx
 
 out = Path("out/03_fp16")
 fp32 = export_cnsd(model, out / "fp32", height=128, width=192, progress=False)
@@ -126,7 +126,8 @@ print("kept in FP32:", sorted(kept & {"InstanceNormalization", "LayerNormalizati
 # GPU's part below.
 
 # %% tags=["nbval-ignore-output"]
-from course_lib.compare import ComparisonTable, compare_outputs, run_ort
+from course_lib.onnx.compare import ComparisonTable, compare_outputs
+from course_lib.onnx.session import run_ort
 
 parity = {}
 for name in fp32:
@@ -149,8 +150,8 @@ print("every output within 5e-3 of its scale:", worst_rel < 5e-3, "| no NaN/Inf:
 # but **without** keeping the timestep embedding in FP32:
 
 # %% tags=["nbval-ignore-output"]
-from course_lib.compare import layerwise_compare
-from course_lib.precision import KEEP_FP32_OPS
+from course_lib.onnx.compare import layerwise_compare
+from course_lib.precision.fp16 import KEEP_FP32_OPS
 
 naive_ops = tuple(op for op in KEEP_FP32_OPS if op not in ("Sin", "Cos"))
 naive = to_fp16_onnx(fp32["controlnet"].path, out / "naive" / "controlnet.onnx", keep_fp32_ops=naive_ops,
@@ -179,7 +180,7 @@ print("Sin/Cos kept in FP32: that tensor passes:", kept_layers.first_bad is None
 #   time — measured below against the 20-step image.
 
 # %%
-from course_lib.cnsd.pipeline import Canny2Image
+from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.samples import sample_photo
 from course_lib.score import max_pixel_diff, psnr
@@ -198,8 +199,8 @@ print("batched CFG, same image (max pixel difference <= 1):", max_pixel_diff(sep
 # image; how much is the price (with random weights the PSNR only says how far the image moved).
 
 # %%
-from course_lib.fastpath import Switches, eps_reuse_steps
-from course_lib.fastpipeline import FastCanny2Image
+from course_lib.pipeline.fastpath import Switches, eps_reuse_steps
+from course_lib.pipeline.fastpipeline import FastCanny2Image
 
 reference = FastCanny2Image(model, byte_level_tokenizer(), "fp32-batched", device="cpu", progress=False) \
     .process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
@@ -234,8 +235,8 @@ for name, q in quality.items():
 # function, `Engine.infer(use_cuda_graph=True)` to a TensorRT engine. On the GPU machine:
 
 # %% tags=["requires-gpu", "nbval-ignore-output"]
-from course_lib.bench import summarize, time_cuda  # noqa: E402
-from course_lib.fastpath import Graphed  # noqa: E402
+from course_lib.timing import summarize, time_cuda  # noqa: E402
+from course_lib.pipeline.fastpath import Graphed  # noqa: E402
 
 gpu_model = sd15.half()                             # the sd15 model of section 2, now in fp16
 unet_feed = {k: (v.half() if v.is_floating_point() else v).cuda()

@@ -183,7 +183,7 @@ print(load_checkpoint(checkpoint, naive))
 
 # %%
 from course_lib.cnsd import contracts, example_inputs
-from course_lib.compare import compare_outputs
+from course_lib.onnx.compare import compare_outputs
 
 reference = build_cnsd(tiny, seed=0)                               # unfused ...
 load_checkpoint(checkpoint, reference)                             # ... with the checkpoint's weights
@@ -212,7 +212,7 @@ print("parity passes:", naive_table.passed, "| failing outputs:", len(naive_tabl
 # weights.
 
 # %%
-from course_lib.hw3 import check_hw3
+from course_lib.homework.check_hw3 import check_hw3
 
 print(check_hw3(naive)["fused_weights"])
 
@@ -250,7 +250,7 @@ print("fused after loading, parity passes:", fixed_table.passed,
 # predicts the same numbers from the config alone.
 
 # %%
-from course_lib.cnsd.export import export_cnsd
+from course_lib.onnx.export_cnsd import export_cnsd
 
 unfuse_qkv(model)
 exports = {"unfused": export_cnsd(model, out / "unfused", height=64, width=64, models=["controlnet", "unet"],
@@ -261,8 +261,8 @@ exports["fused"] = export_cnsd(model, out / "fused", height=64, width=64, models
 print({version: sorted(str(r.path) for r in files.values()) for version, files in exports.items()})
 
 # %%
-from course_lib.cnsd.fusion import count_attention_matmuls, expected_matmul_counts
-from course_lib.graphview import op_census
+from course_lib.onnx.attention_census import count_attention_matmuls, expected_matmul_counts
+from course_lib.onnx.graph import op_census
 
 print(f"{'model':<11}{'version':<9}{'self proj':>10}{'cross proj':>11}{'QK/AV':>7}{'to_out':>7}{'total':>7}"
       f"{'expected':>10}{'all MatMuls':>13}")
@@ -286,7 +286,8 @@ print("every count as predicted:", all(found == expected for found, expected, _ 
 # ONNX Runtime (the two exported files, same inputs), at the course's tolerance.
 
 # %%
-from course_lib.compare import ComparisonTable, run_ort
+from course_lib.onnx.compare import ComparisonTable
+from course_lib.onnx.session import run_ort
 
 unet_feed = example_inputs(specs["unet"], seed=1)
 feeds = {"controlnet": cn_feed, "unet": unet_feed}
@@ -315,7 +316,7 @@ print("rows:", len(parity.rows), "| all pass at rtol 1e-3, atol 1e-5:", parity.p
 # local server and is tagged `interactive`, so the test run skips it.
 
 # %% tags=["interactive"]
-from course_lib.graphview import show_in_netron
+from course_lib.onnx.graph import show_in_netron
 
 show_in_netron(exports["fused"]["controlnet"].path)
 
@@ -419,7 +420,7 @@ for version, files in exports.items():
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
 import numpy as np
 
-from course_lib.score import time_process
+from course_lib.timing import time_cpu
 from course_lib.trt.engine import Engine
 
 cuda_feed = {name: t.cuda() for name, t in cn_feed.items()}
@@ -427,7 +428,7 @@ trt_ms, trt_out = {}, {}
 for version in exports:
     engine = Engine(out / "plans" / f"controlnet_{version}.plan").load().activate()
     trt_out[version] = {k: v.clone() for k, v in engine.infer(cuda_feed).items()}
-    trt_ms[version] = time_process(lambda: engine.infer(cuda_feed), n_warmup=10, n=100)
+    trt_ms[version] = time_cpu(lambda: engine.infer(cuda_feed), warmup=10, iters=100)
 print(f"{'TensorRT ControlNet':<22}{'median ms':>10}{'p10':>8}{'p90':>8}")
 for version, samples in trt_ms.items():
     p10, p90 = np.percentile(samples, [10, 90])
@@ -516,8 +517,8 @@ print("exercise 3: correct ->", verdict["fused_weights"].message.split(": ", 1)[
 # `python -m course_lib submit --hw 3 --student YOUR_ID --seed YOUR_SEED --out hw3.zip`.
 
 # %%
-from course_lib.handin import write_hw3_evidence
-from course_lib.submit import submit
+from course_lib.homework.handin import write_hw3_evidence
+from course_lib.homework.submit import submit
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
 student_model = build_cnsd(tiny, seed=SEED)      # (sd15: your checkpoint-loaded model)

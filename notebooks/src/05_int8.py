@@ -106,7 +106,7 @@ from pathlib import Path
 import torch
 
 from course_lib.cnsd import build_cnsd, get_config
-from course_lib.cnsd.export import export_cnsd
+from course_lib.onnx.export_cnsd import export_cnsd
 
 torch.manual_seed(0)
 SIZE, STEPS = 64, 2
@@ -122,8 +122,8 @@ print({name: path.name for name, path in fp32.items()})
 # calibration; run 2 is **held out** to measure accuracy on inputs the ranges never saw.
 
 # %%
-from course_lib.calibration import capture_calibration
-from course_lib.cnsd.pipeline import Canny2Image
+from course_lib.precision.calibration import capture_calibration
+from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.samples import sample_photo
 
@@ -161,7 +161,7 @@ print("unet inputs:", {k: tuple(v) for k, v in list(calib.input_shapes("unet").i
 # Some layers are usually kept in float: `sensitive_nodes` finds them by their place in the graph.
 
 # %%
-from course_lib.quantize import ORT_TRT_OPTIONS, check_qdq, quantize_int8, sensitive_nodes
+from course_lib.precision.int8 import ORT_TRT_OPTIONS, check_qdq, quantize_int8, sensitive_nodes
 
 print(ORT_TRT_OPTIONS)
 groups = sensitive_nodes(fp32["controlnet"])
@@ -224,7 +224,7 @@ print(f"{len(asym_report.problems)} problems, the first:", asym_report.problems[
 # (max and mean absolute error, relative L2 error, cosine similarity).
 
 # %% tags=["nbval-ignore-output"]
-from course_lib.int8_eval import AccuracyTable, compare_images, int8_accuracy
+from course_lib.precision.evaluation import AccuracyTable, compare_images, int8_accuracy
 
 tables = [int8_accuracy(fp32[name], int8[name], calib.reader(name, runs=[2]), name=name, progress=False)
           for name in ("controlnet", "unet")]
@@ -283,7 +283,7 @@ import copy
 
 from torch import nn
 
-from course_lib.smoothquant import activation_channel_max, outlier_ratio, plot_channel_ranges, smooth_transformer_blocks
+from course_lib.precision.smoothquant import activation_channel_max, outlier_ratio, plot_channel_ranges, smooth_transformer_blocks
 
 net = copy.deepcopy(model).positional("controlnet")
 with torch.no_grad():
@@ -321,7 +321,7 @@ print("outliers at least halved in every smoothed layer:",
 # ONNX Runtime on this CPU, one thread, the same UNet input, fp32 vs INT8 Q/DQ:
 
 # %% tags=["nbval-ignore-output"]
-from course_lib.int8_eval import ort_latency
+from course_lib.precision.evaluation import ort_latency
 
 feed = calib.reader("unet", runs=[2]).load(0)
 latency = {kind: ort_latency(path, feed, runs=10, warmup=2, intra_op_threads=1)
@@ -359,7 +359,7 @@ for kind, path in (("fp16", fp32["unet"]), ("int8", int8["unet"])):
 print({kind: plan.name for kind, plan in plans.items()})
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
-from course_lib.bench import summarize, time_cuda
+from course_lib.timing import summarize, time_cuda
 from course_lib.trt.engine import Engine
 
 cuda_feed = {k: torch.as_tensor(v).cuda() for k, v in feed.items()}
@@ -422,8 +422,8 @@ print("exercise 3: correct")
 # `python -m course_lib submit --hw int8 --student YOUR_ID --seed YOUR_SEED --out int8.zip`.
 
 # %%
-from course_lib.handin import write_int8_evidence
-from course_lib.submit import submit
+from course_lib.homework.handin import write_int8_evidence
+from course_lib.homework.submit import submit
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
 write_int8_evidence(build_cnsd(tiny, seed=SEED), "homework", height=SIZE, width=SIZE, steps=STEPS, progress=False)

@@ -78,7 +78,7 @@ print("matches config.output_shape():", tuple(output_1120.shape) == config.outpu
 # %%
 from pathlib import Path
 
-from course_lib.onnx_export import export_onnx
+from course_lib.onnx.export import export_onnx
 from course_lib.yolov5 import INPUT_NAME, OUTPUT_NAME
 
 out = Path("out/06_yolov5")
@@ -99,7 +99,7 @@ for result in (static, dynamic):
 # differences to ~1e-3 relative — different summation order, not a different function.
 
 # %%
-from course_lib.compare import run_ort
+from course_lib.onnx.session import run_ort
 from course_lib.yolov5 import check_outputs
 
 with torch.no_grad():
@@ -200,7 +200,7 @@ print("per-axis stretch", buggy.round(1), "<- shifted by the padding and squeeze
 # and compare them with ONNX Runtime on the same photo.
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
-from course_lib.precision import to_fp16_onnx
+from course_lib.precision.fp16 import to_fp16_onnx
 from course_lib.trt.build import build_engine_plan
 from course_lib.trt.engine import Engine
 
@@ -226,7 +226,7 @@ print("fp32 engine detections agree:", trt_checks["fp32"].detections_agree,
       "| fp16 engine no NaN/Inf:", trt_checks["fp16"].nonfinite_candidate == 0)
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
-from course_lib.bench import summarize, time_cuda
+from course_lib.timing import summarize, time_cuda
 
 for name, engine in engines.items():
     s = summarize(time_cuda(lambda: engine.infer(feed), warmup=5, iters=50))

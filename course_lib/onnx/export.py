@@ -22,11 +22,9 @@ Everything is written into a hidden temporary folder next to the target and move
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,9 +34,11 @@ from pathlib import Path
 import onnx
 import torch
 
+from course_lib.files import sha256_file, temp_dir_beside
+from course_lib.onnx.external_data import (EXTERNAL_DATA_THRESHOLD_BYTES, gather_weights,
+                                           weight_bytes)
+
 # protobuf cannot serialise a message over 2 GiB; stay a little below it (the graph itself needs room)
-EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26          # 1.94 GiB of weights
-SMALL_TENSOR_BYTES = 1024                               # smaller tensors stay inside the .onnx
 
 
 @dataclass(frozen=True)
@@ -152,14 +152,14 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
         model = onnx.load(str(tmp_onnx), load_external_data=False)
         _check_names(model, input_names, output_names)
         torch_external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
-        weights = _weight_bytes(model, tmp)
+        weights = weight_bytes(model, tmp)
         use_external = external_data is True or (external_data == "auto" and weights > external_data_threshold_bytes)
         if not use_external and torch_external:
             raise ValueError(f"{path.name}: {weights / 2**30:.2f} GiB of weights exceed protobuf's 2 GiB limit; "
                              "use external_data=True or 'auto'")
         data_name = path.name + ".data"
         if use_external:
-            use_external = _gather_weights(tmp_onnx, data_name)   # False when every tensor is < 1 KiB
+            use_external = gather_weights(tmp_onnx, data_name)   # False when every tensor is < 1 KiB
         bar.update()
 
         bar.set_postfix_str("checking")
@@ -170,7 +170,7 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
             sidecar_path=path.with_name(path.name + ".json"),
             inputs=tuple(_tensor_info(v) for v in model.graph.input),
             outputs=tuple(_tensor_info(v) for v in model.graph.output),
-            opset=opset, seconds=round(time.perf_counter() - start, 3), sha256=_sha256(tmp_onnx))
+            opset=opset, seconds=round(time.perf_counter() - start, 3), sha256=sha256_file(tmp_onnx))
         tmp_json = tmp / result.sidecar_path.name
         tmp_json.write_text(json.dumps(_sidecar(result, dynamic_axes), indent=2) + "\n")
         _move_into_place(tmp, path, data_name if use_external else None, result.sidecar_path.name)
@@ -262,7 +262,7 @@ def _check_target(path: Path) -> Path:
 
 def _make_temp_dir(path: Path) -> Path:
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        return temp_dir_beside(path)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise PermissionError(f"folder {path.parent} is not writable: {e.strerror}") from None
@@ -291,73 +291,10 @@ def _check_names(model: onnx.ModelProto, input_names, output_names) -> None:
         raise ValueError(f"the ONNX inputs are {got_in}; expected {list(input_names)} (is an input unused?)")
 
 
-def _gather_weights(onnx_path: Path, data_name: str) -> bool:
-    """Move the weights (tensors of 1 KiB or more) into ``data_name`` next to the graph, streaming.
-
-    Works on torch's output either way: weights inside the .onnx, or one file per weight (models > 2 GB).
-    The result is what ``onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True)``
-    writes, but torch's per-weight files are copied file to file: loading them into the ModelProto first
-    would hold every weight (3.4 GB for the UNet) a second time, since protobuf does not free cleared fields.
-    """
-    helper = onnx.external_data_helper
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    data_path = onnx_path.with_name(data_name)
-    with open(data_path, "wb") as data:
-        for tensor in model.graph.initializer:
-            start = data.tell()
-            if helper.uses_external_data(tensor):                 # one of torch's per-weight files
-                info = {e.key: e.value for e in tensor.external_data}
-                source = onnx_path.parent / info["location"]
-                offset = int(info.get("offset", 0))
-                remaining = int(info.get("length", source.stat().st_size - offset))
-                with open(source, "rb") as src:
-                    src.seek(offset)
-                    while remaining > 0:
-                        chunk = src.read(min(1 << 24, remaining))      # 16 MiB at a time
-                        if not chunk:
-                            raise ValueError(f"torch's weight file {source.name} is shorter than its tensor")
-                        data.write(chunk)
-                        remaining -= len(chunk)
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= SMALL_TENSOR_BYTES:
-                data.write(tensor.raw_data)
-                tensor.ClearField("raw_data")
-            else:
-                continue                                          # small tensors stay inside the .onnx
-            del tensor.external_data[:]
-            for key, value in (("location", data_name), ("offset", start), ("length", data.tell() - start)):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(value)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-        moved = data.tell() > 0
-    onnx.save_model(model, str(onnx_path))
-    if not moved:
-        data_path.unlink()
-    return moved
-
-
-def _weight_bytes(model: onnx.ModelProto, folder: Path) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        if onnx.external_data_helper.uses_external_data(t):
-            info = {e.key: e.value for e in t.external_data}
-            total += int(info["length"]) if "length" in info else (folder / info["location"]).stat().st_size
-        else:
-            total += t.ByteSize()
-    return total
-
-
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     t = value.type.tensor_type
     shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
     return TensorInfo(value.name, shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sidecar(result: ExportResult, dynamic_axes) -> dict:

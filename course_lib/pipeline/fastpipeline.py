@@ -1,6 +1,6 @@
-"""Chapter 3: ``FastCanny2Image`` -- canny2image with the switches of :mod:`course_lib.fastpath`.
+"""Chapter 3: ``FastCanny2Image`` -- canny2image with the switches of :mod:`course_lib.pipeline.fastpath`.
 
-It is :class:`~course_lib.cnsd.pipeline.Canny2Image` with a :class:`~course_lib.fastpath.Switches`:
+It is :class:`~course_lib.pipeline.canny2image.Canny2Image` with a :class:`~course_lib.pipeline.fastpath.Switches`:
 the same ``process()`` arguments, the same noise from the same seed, and with the default switches
 the same image (tests check it). It calls the torch modules directly instead of going through
 backends, which is what lets a whole DDIM step (ControlNet + UNet + guidance) be one CUDA graph.
@@ -18,12 +18,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .cnsd.attention import set_attention_backend
-from .cnsd.config import LATENT_SCALE
-from .cnsd.hint import canny_hint, hwc3, resize_image
-from .cnsd.pipeline import A_PROMPT, N_PROMPT, StageTimings, control_scales
-from .cnsd.sampler import DDIMSchedule, ddim_sample, make_ddim_schedule
-from .fastpath import (
+from course_lib.cnsd.attention import set_attention_backend
+from course_lib.cnsd.config import LATENT_SCALE
+from course_lib.pipeline.hint import canny_hint, hwc3, resize_image
+from course_lib.pipeline.canny2image import A_PROMPT, N_PROMPT, StageTimings, control_scales
+from course_lib.pipeline.sampler import DDIMSchedule, ddim_sample, make_ddim_schedule
+from course_lib.pipeline.fastpath import (
     DTYPES, Graphed, GuidedEps, ReuseEps, Switches, controls_from_guided_hint, eps_reuse_steps, model_dtype,
     reuse_timesteps,
 )
@@ -33,7 +33,7 @@ class FastCanny2Image:
     """Chapter 3: canny2image with :class:`Switches` -- the same ``process()`` as ``Canny2Image``.
 
     Args:
-        cnsd: a CNSD model on ``device`` in the switches' dtype (fp16: :func:`course_lib.fastpath.to_half`).
+        cnsd: a CNSD model on ``device`` in the switches' dtype (fp16: :func:`course_lib.pipeline.fastpath.to_half`).
         tokenizer: as for ``Canny2Image``.
         switches: a :class:`Switches` or a variant name.
         device: "cuda" or "cpu" ("graph" and "compile" need CUDA).
@@ -41,7 +41,7 @@ class FastCanny2Image:
 
     The attention backend is set on ``cnsd`` itself (pipelines sharing one model share that setting),
     and "sdpa" turns ``torch.backends.cudnn.benchmark`` on for the process
-    (:func:`course_lib.fastpath.global_switches` scopes both to a ``with`` block).
+    (:func:`course_lib.pipeline.fastpath.global_switches` scopes both to a ``with`` block).
     After process(): ``last_edge_map``, ``last_seed``, ``last_timings``, ``last_reused`` (eps reused).
     """
 
@@ -102,7 +102,7 @@ class FastCanny2Image:
         hint = hint.to(self.device, self.dtype)
         if self.switches.hint_once:
             with torch.inference_mode():
-                hint = self.cnsd.controlnet.input_hint_block(hint, None, None)
+                hint = self.cnsd.controlnet.input_hint_block(hint)
         return torch.cat([hint, hint]) if self.switches.cfg == "batched" else hint
 
     def eps_fn(self, context: torch.Tensor, hint: torch.Tensor, scale: float, scales: Sequence[float]) -> Callable:

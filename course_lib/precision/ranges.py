@@ -2,7 +2,7 @@
 
 Chapter 3 introduces this module. FP16 holds magnitudes up to 65504 and keeps full precision down to
 6.1e-5 (its smallest normal number; below it values lose bits, below 6e-8 they become 0). Before
-converting a model to FP16 (``course_lib.precision``) we run the FP32 model once in torch and record,
+converting a model to FP16 (``course_lib.precision.fp16``) we run the FP32 model once in torch and record,
 for every layer in execution order, the largest magnitude it produces. Three kinds of points are
 recorded:
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..compare import ComparisonTable, check_onnx_against_torch
-from ..onnx_export import ExportResult, dynamic_axes_from_names, export_onnx
-from .contract import MODEL_NAMES, ModelContract, contracts, example_inputs
+from course_lib.onnx.compare import ComparisonTable, check_onnx_against_torch
+from course_lib.onnx.export import ExportResult, dynamic_axes_from_names, export_onnx
+from course_lib.cnsd.contract import MODEL_NAMES, ModelContract, contracts, example_inputs
 
 DYNAMIC_CHOICES = ("B", "H", "W", "h", "w")  # batch, image height/width, latent height/width
 

@@ -1,7 +1,6 @@
 """Compare model outputs: parity tables (torch vs ONNX Runtime vs TensorRT) and layer-wise search.
 
-Chapter 1 introduces :func:`compare_outputs`, :func:`ort_session`, :func:`run_ort` and
-:func:`check_onnx_against_torch` (is the exported ONNX the same function as the torch module?).
+Chapter 1 introduces :func:`compare_outputs` and :func:`check_onnx_against_torch` (is the exported ONNX the same function as the torch module?).
 Chapters 2, 4 and 5 reuse the tables for engines and fused / INT8 models. Chapter 3 introduces
 :func:`layerwise_compare`: run two versions of one graph (e.g. FP32 and FP16) with every tensor marked
 as an output (Polygraphy) and name the first tensor, in graph order, whose values go bad.
@@ -18,18 +17,15 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-# ONNX Runtime providers tried by default, best first. ORT's TensorRT EP is left out on purpose: it builds
-# TensorRT engines inside the session (minutes for the UNet); the course builds its own in chapter 2.
-DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+from course_lib.onnx.session import ort_feed, ort_session, run_ort, to_numpy as _to_numpy
+
 
 
 @dataclass(frozen=True)
@@ -112,13 +108,6 @@ def _num(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.3e}"
 
 
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):                       # a torch tensor, on any device
-        x = x.detach().cpu()
-        return x.float().numpy() if str(x.dtype) == "torch.bfloat16" else x.numpy()
-    return np.asarray(x)
-
-
 def compare_tensors(name: str, reference, candidate, rtol: float = 1e-3, atol: float = 1e-5) -> ComparisonRow:
     """Chapter 1: one :class:`ComparisonRow` for two arrays or tensors (see the module docstring)."""
     ref, cand = _to_numpy(reference), _to_numpy(candidate)
@@ -151,60 +140,6 @@ def compare_outputs(reference: Mapping, candidate: Mapping, rtol: float = 1e-3, 
     rows += [ComparisonRow(name, (), tuple(_to_numpy(c).shape), math.nan, math.nan, False, "not in reference")
              for name, c in candidate.items() if name not in reference]
     return ComparisonTable(rows, rtol, atol, title)
-
-
-# --- ONNX Runtime ---------------------------------------------------------------------------------------
-
-def ort_session(path, providers: Sequence[str] | None = None):
-    """Chapter 1: an ``onnxruntime.InferenceSession`` for ``path`` (external data is found next to it).
-
-    ``providers=None`` takes those of :data:`DEFAULT_PROVIDERS` that are installed (CUDA, else CPU);
-    naming a provider that is not installed is a ValueError. If ORT falls back from the first
-    provider at run time (e.g. missing CUDA libraries), a warning says so.
-    """
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} does not exist")
-    available = ort.get_available_providers()
-    if providers is None:
-        providers = [p for p in DEFAULT_PROVIDERS if p in available]
-    missing = [p for p in providers if p not in available]
-    if missing:
-        raise ValueError(f"ONNX Runtime providers {missing} are not installed here (available: {available})")
-    session = ort.InferenceSession(str(path), providers=list(providers))
-    if providers and session.get_providers()[0] != providers[0]:
-        warnings.warn(f"ONNX Runtime could not use {providers[0]} for {path.name}; "
-                      f"running on {session.get_providers()[0]}", RuntimeWarning, stacklevel=2)
-    return session
-
-
-def _ort_feed(session, feed: Mapping) -> dict[str, np.ndarray]:
-    """Torch tensors / arrays to numpy, checked against the model's input names and dtypes (no casts)."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    if set(feed) != set(inputs):
-        raise ValueError(f"feed names {sorted(feed)} differ from the model inputs {sorted(inputs)}")
-    out = {}
-    for name, value in feed.items():
-        array = np.ascontiguousarray(_to_numpy(value))
-        want = inputs[name].type                      # e.g. "tensor(int32)"
-        got = f"tensor({ {'float32': 'float', 'float64': 'double'}.get(array.dtype.name, array.dtype.name) })"
-        if got != want:
-            raise ValueError(f"input {name!r}: got {array.dtype.name}, the model expects {want}")
-        out[name] = array
-    return out
-
-
-def run_ort(session_or_path, feed: Mapping, output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Chapter 1: run an ONNX Runtime session (or a model path) on ``{input_name: tensor}``.
-
-    Torch tensors are converted to numpy keeping their dtype (an int32 ``timestep`` stays int32; a
-    dtype the model does not expect is a ValueError). Returns ``{output_name: numpy array}``.
-    """
-    session = ort_session(session_or_path) if isinstance(session_or_path, (str, os.PathLike)) else session_or_path
-    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, _ort_feed(session, feed))))
 
 
 def check_onnx_against_torch(module, onnx_path, feed: Mapping, rtol: float = 1e-3, atol: float = 1e-5,
@@ -273,7 +208,7 @@ def _mark_all(path: Path, folder: Path) -> tuple[Path, dict[str, str], list[str]
 
 
 def _require_polygraphy(sub: str):
-    from .env import require
+    from course_lib.env import require
 
     return require(f"polygraphy.{sub}", "the layer-wise comparison (chapter 3)")
 
@@ -309,7 +244,7 @@ def layerwise_compare(reference_onnx, candidate_onnx, feed: Mapping, rtol: float
             typed = {name: a.astype(np.float16) if name in wants_fp16 and a.dtype == np.float32 else a
                      for name, a in typed.items()}
             with onnxrt.OnnxrtRunner(session) as runner:
-                results.append(dict(runner.infer(_ort_feed(session, typed))))
+                results.append(dict(runner.infer(ort_feed(session, typed))))
             del session
     reference, candidate = results
     rows = [replace(compare_tensors(name, reference[name], candidate[name], rtol, atol), model=producers[name])

@@ -1,7 +1,7 @@
 """Hand it in: the files each homework hands in, written by the chapter's last cell.
 
 Each homework chapter ends with a "Hand it in" cell that calls one of these for the student's seed, then
-runs :func:`course_lib.submit.submit` as a dry run (the grader's own tests, on the student's machine).
+runs :func:`course_lib.homework.submit.submit` as a dry run (the grader's own tests, on the student's machine).
 Every writer fills ``work/<hw1|hw2|hw3|int8>/`` (the files listed in :data:`course_lib.homework.ARTIFACTS`)
 and writes each file under a temporary name first, so an interrupted cell leaves no half-written file:
 
@@ -14,34 +14,17 @@ and writes each file under a temporary name first, so an interrupted cell leaves
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .homework import FOLDERS, MODELS
-
-
-def _atomic_json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _atomic_copy(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return dst
+from course_lib.files import atomic_copy, atomic_path, sha256_file, write_json
+from course_lib.homework import FOLDERS, MODELS
 
 
 def _export_on_cpu(model, out_dir: Path, **kwargs) -> dict:
     """export_cnsd feeds CPU example inputs: export from the CPU, then put the model back where it was."""
-    from .cnsd.export import export_cnsd
+    from course_lib.onnx.export_cnsd import export_cnsd
 
     device = next(model.parameters()).device
     try:
@@ -51,7 +34,7 @@ def _export_on_cpu(model, out_dir: Path, **kwargs) -> dict:
 
 
 def _tokenizer_for(model):
-    from .cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
+    from course_lib.cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
     return byte_level_tokenizer() if model.config.name == "tiny" else get_tokenizer()
 
 
@@ -68,9 +51,9 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
     still belongs: built from these very ONNX files on this machine, with the same settings and photo.
     Returns the folder.
     """
-    from .backends import make_backends
-    from .cnsd.pipeline import Canny2Image
-    from .samples import sample_photo, write_image
+    from course_lib.backends import make_backends
+    from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.samples import sample_photo, write_image
 
     folder = Path(work) / FOLDERS["1"]
     if export:
@@ -99,17 +82,17 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
     write_image(folder / "images" / "input.png", photo)
     if plan_dir is not None:
         for name in MODELS:
-            _atomic_copy(Path(plan_dir) / f"{name}.plan.json", folder / "plans" / f"{name}.plan.json")
+            atomic_copy(Path(plan_dir) / f"{name}.plan.json", folder / "plans" / f"{name}.plan.json")
     elif not keep_trt:                             # an earlier run's engines: other ONNX files, settings or machine
         for stale in [*folder.glob("plans/*.plan.json"), folder / "images" / "canny2image_trt.png"]:
             stale.unlink(missing_ok=True)
-    _atomic_json(folder / "run.json", run)
+    write_json(folder / "run.json", run)
     return folder
 
 
 def _this_machine() -> tuple[str | None, str | None]:
     """(TensorRT version, GPU name) here, as ``submit`` records them in the manifest (None where absent)."""
-    from .submit import machine_info
+    from course_lib.homework.submit import machine_info
     machine = machine_info()
     return machine["versions"]["tensorrt"], (machine["gpu"] or {}).get("name")
 
@@ -121,8 +104,7 @@ def _trt_evidence_still_belongs(folder: Path, run: dict, photo) -> bool:
     ``run.json`` settings and input photo. All of it is kept, or none."""
     import numpy as np
 
-    from .safezip import sha256_file
-    from .samples import read_image
+    from course_lib.samples import read_image
 
     def read_json(path: Path):
         try:
@@ -152,7 +134,7 @@ def write_hw2_evidence(sweep_dir: str | Path, work: str | Path = "homework") -> 
     plans), copied to ``work/hw2``, plus ``hw2.png`` drawn from the records. When ``sweep_dir`` is another
     folder, sidecars in ``work/hw2`` that the records don't use are removed. Returns the homework folder.
     """
-    from .hw2 import plot_hw2
+    from course_lib.trt.sweep import plot_hw2
 
     sweep_dir, folder = Path(sweep_dir), Path(work) / FOLDERS["2"]
     source = sweep_dir / "hw2.json"
@@ -168,11 +150,11 @@ def write_hw2_evidence(sweep_dir: str | Path, work: str | Path = "homework") -> 
         raise FileNotFoundError(f"{sweep_dir / missing[0]} is missing: hw2_sweep writes a sidecar beside each plan")
     if sweep_dir.resolve() != folder.resolve():
         for rel in sidecars:
-            _atomic_copy(sweep_dir / rel, folder / rel)
+            atomic_copy(sweep_dir / rel, folder / rel)
         for stale in folder.glob("O*/*.plan.json"):
             if stale.relative_to(folder).as_posix() not in sidecars:
                 stale.unlink()
-        _atomic_copy(source, folder / "hw2.json")
+        atomic_copy(source, folder / "hw2.json")
     plot_hw2(records, folder / "hw2.png")
     return folder
 
@@ -193,12 +175,9 @@ def save_fused_weights(model, path: str | Path) -> Path:
             tensors[f"{name}.{part}.weight"] = getattr(layer, part).weight.detach().float().cpu().contiguous().clone()
     if not tensors:
         raise ValueError("the model has no fused attention layers (to_qkv / to_kv): fuse it first (fuse_qkv)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return Path(path)
 
 
 def write_hw3_evidence(fused_model, work: str | Path = "homework", *, height: int = 64, width: int = 64,
@@ -212,7 +191,7 @@ def write_hw3_evidence(fused_model, work: str | Path = "homework", *, height: in
     folder = Path(work) / FOLDERS["3"]
     save_fused_weights(fused_model, folder / "fused_qkv.safetensors")
     if timing is not None:
-        _atomic_json(folder / "timing.json", dataclasses.asdict(timing))
+        write_json(folder / "timing.json", dataclasses.asdict(timing))
     else:
         (folder / "timing.json").unlink(missing_ok=True)
     _export_on_cpu(fused_model, folder / "onnx", height=height, width=width, models=["controlnet", "unet"],
@@ -229,17 +208,17 @@ def write_int8_evidence(model, work: str | Path = "homework", *, height: int = 6
                         tokenizer=None, progress: bool = True) -> Path:
     """Homework INT8 (chapter 5): chapter 5's recipe on ``model`` (your seed's): export ``models`` in fp32,
     record calibration data from one canny2image run per photo (``steps`` DDIM steps), and write
-    ``work/int8/<name>.int8.onnx`` with its sidecar (:func:`~course_lib.quantize.quantize_int8`), keeping the
-    ``keep_float`` groups of :func:`~course_lib.quantize.sensitive_nodes` in float.
+    ``work/int8/<name>.int8.onnx`` with its sidecar (:func:`~course_lib.precision.int8.quantize_int8`), keeping the
+    ``keep_float`` groups of :func:`~course_lib.precision.int8.sensitive_nodes` in float.
 
     ``photos`` default to the sample photo and its mirror image at ``height`` x ``width``; ``tokenizer`` to the
     byte-level one for tiny, CLIP's for sd15. The fp32 files and the calibration data are scratch, removed
     at the end, and so is an older INT8 file of a model not in ``models``. Returns the homework folder.
     """
-    from .calibration import capture_calibration
-    from .cnsd.pipeline import Canny2Image
-    from .quantize import SENSITIVE_GROUPS, quantize_int8, sensitive_nodes
-    from .samples import sample_photo
+    from course_lib.precision.calibration import capture_calibration
+    from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.precision.int8 import SENSITIVE_GROUPS, quantize_int8, sensitive_nodes
+    from course_lib.samples import sample_photo
 
     unknown = [m for m in models if m not in ("controlnet", "unet")]
     if unknown or "controlnet" not in models:

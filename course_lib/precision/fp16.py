@@ -9,7 +9,7 @@ opset 18) writes for the course's models:
 
 * ``LayerNormalization`` -- every LayerNorm (CLIP; norm1/2/3 of each transformer block) is one op at
   opset >= 17. Its variance averages (x - mean)^2, which passes FP16's 65504 once x strays 256 from
-  its mean (see ``course_lib.ranges``, the ``norm x^2`` points).
+  its mean (see ``course_lib.precision.ranges``, the ``norm x^2`` points).
 * ``InstanceNormalization`` -- torch writes GroupNorm as Reshape(B, G, -1) -> InstanceNormalization
   (scale 1, bias 0) -> Reshape -> Mul(gamma) -> Add(beta); same statistics, same risk (the original
   code computes GroupNorm in FP32 for this reason: ``GroupNorm32``).
@@ -39,18 +39,23 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from .env import has_module, require
-from .onnx_export import EXTERNAL_DATA_THRESHOLD_BYTES, SMALL_TENSOR_BYTES, load_onnx_checked
+from course_lib.env import has_module, require
+from course_lib.onnx.export import load_onnx_checked
+from course_lib.onnx.external_data import EXTERNAL_DATA_THRESHOLD_BYTES, SMALL_TENSOR_BYTES
+
+from course_lib.files import temp_dir_beside
+from course_lib.precision.casts import (constants_to_initializers, restore_output_types, simplify_casts,
+                                       split_shared_initializers)
+from course_lib.precision.report import PrecisionReport, precision_report
 
 KEEP_FP32_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax", "Sin", "Cos",
                  "ReduceMean", "ReduceSum", "ReduceSumSquare", "Pow", "Sqrt")
@@ -175,8 +180,8 @@ def _onnxconverter(fp32: onnx.ModelProto, src: Path, keep_ops, nodes, keep_io_ty
     float16 = require("onnxconverter_common.float16", "the FP16 conversion (chapter 3)")
     io_types = {v.name: v.type.tensor_type.elem_type for v in fp32.graph.output}
     extra = tuple(op for op in float16.DEFAULT_OP_BLOCK_LIST if op not in keep_ops)
-    _constants_to_initializers(fp32)
-    _split_shared_initializers(fp32, set(keep_ops) | set(extra), set(nodes))
+    constants_to_initializers(fp32)
+    split_shared_initializers(fp32, set(keep_ops) | set(extra), set(nodes))
     model = onnx.shape_inference.infer_shapes(fp32)               # types of every tensor (weights not needed)
     onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
     for node in model.graph.node:
@@ -191,111 +196,10 @@ def _onnxconverter(fp32: onnx.ModelProto, src: Path, keep_ops, nodes, keep_io_ty
         model = float16.convert_float_to_float16(model, keep_io_types=keep_io_types, disable_shape_infer=True,
                                                  op_block_list=list(keep_ops) + list(extra), node_block_list=nodes,
                                                  check_fp16_ready=False)
-    _simplify_casts(model)
+    simplify_casts(model)
     if keep_io_types:
-        _restore_output_types(model, io_types)
+        restore_output_types(model, io_types)
     return model, extra
-
-
-def _constants_to_initializers(model: onnx.ModelProto) -> None:
-    """Float Constant nodes become initializers, which the converter leaves FP32 where FP32-kept ops read them.
-
-    (It rounds every Constant node to fp16, even one feeding a kept op: the timestep embedding's
-    frequencies, or GroupNorm's scale and bias.)
-    """
-    kept = []
-    for node in model.graph.node:
-        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
-        if attr is not None and attr.name == "value" and attr.t.data_type == FLOAT:
-            tensor = model.graph.initializer.add()
-            tensor.CopyFrom(attr.t)
-            tensor.name = node.output[0]
-        else:
-            kept.append(node)
-    if len(kept) != len(model.graph.node):
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
-
-
-def _split_shared_initializers(model: onnx.ModelProto, ops: set, nodes: set) -> None:
-    """An FP32 initializer read by both kept and converted nodes gets a separate copy for the kept ones."""
-    float_inits = {t.name: t for t in model.graph.initializer if t.data_type == FLOAT}
-    readers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in set(node.input) & float_inits.keys():
-            readers.setdefault(name, []).append(node)
-    for name, users in readers.items():
-        kept = [n for n in users if n.op_type in ops or n.name in nodes]
-        if kept and len(kept) < len(users):
-            copy = model.graph.initializer.add()
-            copy.CopyFrom(float_inits[name])
-            copy.name = name + "_fp32"
-            for node in kept:
-                node.input[:] = [copy.name if x == name else x for x in node.input]
-
-
-def _cast_to(node: onnx.NodeProto | None) -> int | None:
-    """The target dtype of a Cast node; None for any other node (or None)."""
-    if node is None or node.op_type != "Cast":
-        return None
-    return next((a.i for a in node.attribute if a.name == "to"), None)
-
-
-def _simplify_casts(model: onnx.ModelProto) -> None:
-    """Bypass casts that change nothing: no-op casts (fp16 -> fp16, what torch's ``x.float()`` became) and
-    fp32 -> Cast(fp16) -> Cast(fp32) round trips between two FP32-kept nodes.
-
-    The converter wraps each kept node in casts of its own, so without this a chain of kept nodes (the
-    timestep embedding) would be rounded to fp16 between every two of them.
-    """
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info)}
-    types.update({t.name: t.data_type for t in g.initializer})
-    producer = {out: node for node in g.node for out in node.output}
-    outputs = {v.name for v in g.output}
-    direct: dict[str, str] = {}                                     # cast output -> tensor to read instead
-    for node in g.node:                                             # topological order: sources resolve first
-        to = _cast_to(node)
-        if to is None or node.output[0] in outputs:
-            continue
-        source = direct.get(node.input[0], node.input[0])
-        up = producer.get(source)
-        if types.get(source) == to:
-            direct[node.output[0]] = source
-        elif to == FLOAT and _cast_to(up) == FLOAT16 and types.get(direct.get(up.input[0], up.input[0])) == FLOAT:
-            direct[node.output[0]] = direct.get(up.input[0], up.input[0])
-    if not direct:
-        return
-    for node in g.node:
-        node.input[:] = [direct.get(x, x) for x in node.input]
-    kept = [n for n in g.node if not (n.op_type == "Cast" and n.output[0] in direct)]
-    read = {x for n in kept for x in n.input} | outputs
-    kept = [n for n in kept if not (n.op_type == "Cast" and n.output[0] not in read)]
-    produced = {out for n in kept for out in n.output}
-    value_info = [v for v in g.value_info if v.name in produced]
-    del g.node[:], g.value_info[:]
-    g.node.extend(kept)
-    g.value_info.extend(value_info)
-
-
-def _restore_output_types(model: onnx.ModelProto, types: dict[str, int]) -> None:
-    """onnxconverter-common turns a graph output fp16 when an FP32-kept node produces it: cast it back."""
-    producer = {out: node for node in model.graph.node for out in node.output}
-    consumed = {name for node in model.graph.node for name in node.input}
-    for output in model.graph.output:
-        if types.get(output.name) != FLOAT or output.type.tensor_type.elem_type != FLOAT16:
-            continue
-        node = producer[output.name]
-        if node.op_type == "Cast" and output.name not in consumed:  # X(fp32) -> Cast16 -> output: to fp32
-            next(a for a in node.attribute if a.name == "to").i = FLOAT
-        else:
-            inner = output.name + "_fp16"
-            for other in model.graph.node:                          # fp16 readers inside the graph keep fp16
-                other.input[:] = [inner if x == output.name else x for x in other.input]
-            node.output[list(node.output).index(output.name)] = inner
-            model.graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], to=FLOAT,
-                                                          name=output.name + "_cast_to_fp32"))
-        output.type.tensor_type.elem_type = FLOAT
 
 
 def _modelopt(src: Path, keep_ops, nodes, keep_io_types) -> onnx.ModelProto:
@@ -344,7 +248,7 @@ def _save_atomically(model: onnx.ModelProto, dst: Path, sidecar: dict) -> tuple[
     external = weights > EXTERNAL_DATA_THRESHOLD_BYTES
     data_name, json_name = dst.name + ".data", dst.name + ".json"
     sidecar["tensors"] = {onnx.helper.tensor_dtype_to_np_dtype(k).name: v for k, v in _float_types(model).items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = temp_dir_beside(dst)
     try:
         onnx.save_model(model, str(tmp / dst.name), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=SMALL_TENSOR_BYTES)
@@ -361,65 +265,6 @@ def _save_atomically(model: onnx.ModelProto, dst: Path, sidecar: dict) -> tuple[
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return (dst.with_name(data_name) if external else None), sidecar
-
-
-# --- what runs in which precision ----------------------------------------------------------------------
-
-@dataclass
-class PrecisionReport:
-    """Op types by the precision they compute in, the model's I/O dtypes, and the FP32 nodes."""
-    ops: dict[str, dict[str, int]]                      # op type -> {"float16": n, "float32": n, "other": n}
-    inputs: list[tuple[str, str]]                       # (name, dtype)
-    outputs: list[tuple[str, str]]
-    fp32_nodes: list[tuple[str, str]] = field(default_factory=list)   # (op type, node name), casts excluded
-
-    def count(self, dtype: str) -> int:
-        return sum(row.get(dtype, 0) for op, row in self.ops.items() if op != "Cast")
-
-    def __str__(self) -> str:
-        lines = [f"{'op type':<24}{'float16':>9}{'float32':>9}{'other':>7}"]
-        for op, row in sorted(self.ops.items()):
-            lines.append(f"{op:<24}{row['float16']:>9}{row['float32']:>9}{row['other']:>7}")
-        io = lambda items: ", ".join(f"{n} {d}" for n, d in items)  # noqa: E731
-        lines += [f"inputs: {io(self.inputs)}", f"outputs: {io(self.outputs)}",
-                  f"{self.count('float16')} nodes compute in float16, {self.count('float32')} in float32 "
-                  f"({', '.join(sorted(set(op for op, _ in self.fp32_nodes))) or 'none'}; Cast counted by target)"]
-        return "\n".join(lines)
-
-
-def precision_report(onnx_path) -> PrecisionReport:
-    """Chapter 3: which op types compute in float16 / float32 in an ONNX model (path or ModelProto).
-
-    A node counts under the dtype of its first float output (a Cast under the dtype it casts to); nodes
-    without a float output (Shape, integer arithmetic) count as "other". Returns a :class:`PrecisionReport`
-    (``print`` it for a table; ``.fp32_nodes`` lists the non-Cast nodes computing in float32).
-    """
-    if isinstance(onnx_path, onnx.ModelProto):
-        graph_only = onnx.ModelProto()
-        graph_only.CopyFrom(onnx_path)
-    else:
-        graph_only = load_onnx_checked(onnx_path, load_external_data=False)
-    for t in graph_only.graph.initializer:                      # float weights: their types are all we need
-        if t.data_type in (FLOAT, FLOAT16):
-            t.ClearField("raw_data")
-    model = onnx.shape_inference.infer_shapes(graph_only)
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
-    types.update({t.name: t.data_type for t in g.initializer})
-    for node in g.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
-            types[node.output[0]] = node.attribute[0].t.data_type
-    name = {FLOAT16: "float16", FLOAT: "float32"}
-    ops: dict[str, dict[str, int]] = {}
-    fp32_nodes = []
-    for node in g.node:
-        kind = next((name[types[x]] for x in node.output if types.get(x) in name), "other")
-        ops.setdefault(node.op_type, {"float16": 0, "float32": 0, "other": 0})[kind] += 1
-        if kind == "float32" and node.op_type != "Cast":
-            fp32_nodes.append((node.op_type, node.name))
-    dtype = lambda v: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name  # noqa: E731
-    return PrecisionReport(ops, [(v.name, dtype(v)) for v in g.input], [(v.name, dtype(v)) for v in g.output],
-                           fp32_nodes)
 
 
 __all__ = ["KEEP_FP32_OPS", "Fp16Result", "PrecisionReport", "precision_report", "sinusoid_argument_nodes",

@@ -1,7 +1,7 @@
 """Homework submissions as zip files: hashing what goes in, and opening what comes back without trusting it.
 
 Used by the homework submission (``python -m course_lib submit``) and its grader (``python -m course_lib
-grade``); see :mod:`course_lib.submit` and :mod:`course_lib.grade`. A submission is a zip of plain data:
+grade``); see :mod:`course_lib.homework.submit` and :mod:`course_lib.homework.grade`. A submission is a zip of plain data:
 ``manifest.json`` (the SHA-256 of every other member), ``checks.json`` and ``artifacts/...`` (ONNX, their
 external data, JSON, PNG, NPZ, safetensors). Nothing in it is ever unpickled.
 
@@ -21,16 +21,16 @@ paths inside the submission (ONNX Runtime would otherwise read any file a locati
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import stat
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from course_lib.files import atomic_path, sha256_file
 
 ALLOWED_SUFFIXES = (".json", ".onnx", ".data", ".npz", ".png", ".safetensors")
 TOP_LEVEL = ("manifest.json", "checks.json", "artifacts/")
@@ -57,17 +57,6 @@ class ZipLimits:
 
 
 # ------------------------------------------------------------------------------------------- hashing
-
-def sha256_file(path: str | Path, bar=None) -> str:
-    """Homework submission: the SHA-256 of one file (hex), advancing a tqdm ``bar`` by its bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-            if bar is not None:
-                bar.update(len(block))
-    return digest.hexdigest()
-
 
 def hash_files(files: Mapping[str, str | Path], progress: bool = True,
                bar_from_bytes: int = 16 * 2**20) -> dict[str, dict]:
@@ -123,10 +112,7 @@ def write_zip(path: str | Path, members: Mapping[str, str | Path | bytes]) -> Pa
         raise ValueError(f"--out {path}: expected a file name ending in .zip")
     for name in members:
         check_member_name(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6, allowZip64=True) as zf:
             for name, source in members.items():
                 info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
@@ -137,10 +123,6 @@ def write_zip(path: str | Path, members: Mapping[str, str | Path | bytes]) -> Pa
                     continue
                 with open(source, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -17,7 +17,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .bench import save_png, markdown_table, spread, summarize, time_cuda, write_json
+from course_lib.cnsd.contract import MODEL_NAMES
+from course_lib.files import save_png, write_json
+from course_lib.timing import markdown_table, spread, summarize, time_cuda
 
 def hw2_feed(specs: Mapping[str, tuple[Sequence[int], object]], seed: int = 0) -> dict:
     """Chapter 2 (HW2): random inputs for ``{name: (shape, torch dtype)}``: ``input_ids`` from CLIP's
@@ -36,7 +38,7 @@ def hw2_feed(specs: Mapping[str, tuple[Sequence[int], object]], seed: int = 0) -
     return feed
 
 
-def hw2_sweep(onnx_dir: str | Path, out_dir: str | Path, models: Sequence[str] = ("clip", "controlnet", "unet", "decoder"),
+def hw2_sweep(onnx_dir: str | Path, out_dir: str | Path, models: Sequence[str] = MODEL_NAMES,
               opt_levels: Sequence[int] = (0, 1, 2, 3, 4, 5), cuda_graph: Sequence[bool] = (False, True),
               warmup: int = 5, iters: int = 20, height: int = 256, width: int = 384,
               timing_cache: str | Path | None = None) -> list[dict]:
@@ -47,9 +49,9 @@ def hw2_sweep(onnx_dir: str | Path, out_dir: str | Path, models: Sequence[str] =
     ``{model, opt_level, cuda_graph, build_s, plan_mib, latency: summarize}``) to ``out_dir/hw2.json``.
     Use :func:`hw2_table` and :func:`plot_hw2` on them.
     """
-    from .trt import require_tensorrt
-    from .trt.build import build_plans
-    from .trt.engine import Engine
+    from course_lib.trt.flavour import require_tensorrt
+    from course_lib.trt.build import build_plans
+    from course_lib.trt.engine import Engine
 
     require_tensorrt("the HW2 sweep (building and timing TensorRT plans)")
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)

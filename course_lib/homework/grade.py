@@ -1,10 +1,10 @@
 """Homework grading: a folder of submission zips -> one ``results.json`` per student and a class CSV.
 
-The instructor's side of the homework submission (:mod:`course_lib.submit`), on a CPU machine::
+The instructor's side of the homework submission (:mod:`course_lib.homework.submit`), on a CPU machine::
 
     python -m course_lib grade submissions/ --out results/ [--roster roster.csv]
 
-For each zip: open it safely (:func:`course_lib.safezip.safe_extract`: no path traversal, absolute paths,
+For each zip: open it safely (:func:`course_lib.homework.safezip.safe_extract`: no path traversal, absolute paths,
 links, oversize members; ONNX external data kept inside), verify every SHA-256 of the manifest, then re-run
 each homework test (:mod:`course_lib.homework`) on inputs derived from the issued seed. A zip that fails
 any of the opening steps is refused: its results say why in one line, and nothing is written outside
@@ -35,12 +35,13 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .homework import FOLDERS, HOMEWORKS, TESTS, Evidence, derive_seed, run_tests
-from .safezip import (UnsafeSubmission, ZipLimits, check_external_data, check_file_types, safe_extract,
-                      sha256_file, verify_hashes)
-from .submit import FORMAT, sanitize_student_id
+from course_lib.files import atomic_write_text, sha256_file
+from course_lib.homework import FOLDERS, HOMEWORKS, TESTS, Evidence, derive_seed, run_tests
+from course_lib.homework.safezip import (UnsafeSubmission, ZipLimits, check_external_data, check_file_types, safe_extract,
+                      verify_hashes)
+from course_lib.homework.submit import FORMAT, sanitize_student_id
 
-RESULTS_FORMAT = "course_lib.grade/1"
+RESULTS_FORMAT = "course_lib.homework.grade/1"
 CSV_COLUMNS = ("student", "homework", "seed", "config", "score", "max_score", "percent", "status", "failed",
                "trusted", "flags", "gpu", "tensorrt", "zip", "zip_sha256", "results", "message")
 
@@ -175,7 +176,7 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         x["results"] = str(folder / "results.json")
-        _atomic_write(folder / "results.json", json.dumps(results, indent=1) + "\n")
+        atomic_write_text(folder / "results.json", json.dumps(results, indent=1) + "\n")
         if keep and unpacked.is_dir():
             shutil.rmtree(folder / "files", ignore_errors=True)
             os.replace(unpacked, folder / "files")
@@ -243,12 +244,6 @@ def _refused(zip_path: Path, message: str, manifest: dict | None, points) -> dic
             "extra_data": _extra(zip_path, manifest, (manifest or {}).get("seed"), [], refused=True)}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def summary_row(results: dict) -> dict:
     """Homework grading: one CSV row (:data:`CSV_COLUMNS`) of a results dict."""
     x = results["extra_data"]
@@ -272,7 +267,7 @@ def write_summary(rows: list[dict], path: str | Path) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     path = Path(path)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
     return path
 
 

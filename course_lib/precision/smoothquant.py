@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cnsd.attention import BasicTransformerBlock
+from course_lib.cnsd.attention import BasicTransformerBlock
 
 # (LayerNorm, the Linear layers it feeds) inside a BasicTransformerBlock, by attribute path
 BRANCHES = {"attn1": ("norm1", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
@@ -45,7 +45,7 @@ def activation_channel_max(model: nn.Module, feeds: Iterable[Mapping], layers: S
     Args:
         model: called as ``model(*feed.values())`` (e.g. ``CNSD.positional("controlnet")``).
         feeds: ``{input name: array or tensor}`` dicts in the model's argument order, e.g. a
-            :class:`~course_lib.calibration.CalibrationReader`'s ``feeds()``.
+            :class:`~course_lib.precision.calibration.CalibrationReader`'s ``feeds()``.
         layers: names (as in ``model.named_modules()``) of the Linear layers to watch; default all.
     Returns ``{layer name: float32 tensor (in_features,)}``.
     """

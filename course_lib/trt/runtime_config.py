@@ -1,4 +1,8 @@
-"""TensorRT for RTX's runtime cache: the GPU kernels it compiled just in time, kept in a file. Chapter 2.
+"""An engine's runtime config: TensorRT for RTX's runtime cache and CUDA-graph strategy. Chapter 2.
+
+An ``IRuntimeConfig`` (``engine.create_runtime_config()``) says how an execution context is made:
+its memory allocation strategy and, on TensorRT for RTX, the runtime cache and the CUDA-graph
+strategy. :func:`make_runtime_config` fills one; ``Engine.activate`` makes the context from it.
 
 A TensorRT for RTX plan holds no GPU kernels for any particular GPU: the first inference on a GPU
 compiles them (just in time, JIT), which takes seconds for a UNet. The *runtime cache* keeps what was
@@ -18,8 +22,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .flavour import label, require_feature
-from .plan import atomic_write_bytes
+from course_lib.files import atomic_write_bytes
+from course_lib.trt.flavour import label, require_feature, whole_graph_strategy
 
 log = logging.getLogger("course_lib.trt")
 
@@ -52,3 +56,20 @@ class RuntimeCacheFile:
     def save(self) -> Path:
         """Write the cache (every kernel compiled so far) to :attr:`path`, atomically; returns the path."""
         return atomic_write_bytes(self.path, self.cache.serialize())
+
+
+def make_runtime_config(trt, engine, allocation_strategy=None, cache_path: str | Path | None = None,
+                        tensorrt_graphs: bool = False):
+    """Chapter 2: ``(runtime config, RuntimeCacheFile or None)`` for one execution context of ``engine``.
+
+    ``allocation_strategy``: a ``trt.ExecutionContextAllocationStrategy`` (None: TensorRT's default);
+    ``cache_path``: the runtime cache file (TensorRT for RTX; None: no cache); ``tensorrt_graphs``:
+    TensorRT for RTX captures and replays CUDA graphs itself (whole-graph strategy).
+    """
+    config = engine.create_runtime_config()
+    if allocation_strategy is not None:
+        config.set_execution_context_allocation_strategy(allocation_strategy)
+    cache = RuntimeCacheFile(trt, config, cache_path) if cache_path is not None else None
+    if tensorrt_graphs:
+        config.cuda_graph_strategy = whole_graph_strategy(trt)
+    return config, cache

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cnsd.attention import CrossAttention
-from .cnsd.contract import contracts, example_inputs
-from .cnsd.fusion import attention_layer_counts, count_attention_matmuls, expected_matmul_counts
+from course_lib.cnsd.attention import CrossAttention
+from course_lib.cnsd.contract import contracts, example_inputs
+from course_lib.cnsd.fusion import attention_layer_counts
+from course_lib.onnx.attention_census import count_attention_matmuls, expected_matmul_counts
 
 FUSED_MODELS = ("controlnet", "unet")           # the sub-models with attention layers
 
@@ -100,7 +101,7 @@ def check_hw3(candidate, reference: nn.Module | None = None, *, height: int = 64
 # --- a torch model ----------------------------------------------------------------------------------------
 
 def _check_model(candidate, reference, size, seed, rtol, atol) -> HW3Result:
-    from .cnsd.model import CNSD
+    from course_lib.cnsd.model import CNSD
 
     result = HW3Result(f"CNSD {candidate.config.name!r}")
     with torch.device("meta"):
@@ -203,7 +204,7 @@ def _diagnose(weight: torch.Tensor, parts: dict[str, torch.Tensor]) -> str | Non
 
 @torch.no_grad()
 def _outputs_check(candidate, reference, size, seed, rtol, atol) -> HW3Check:
-    from .compare import compare_outputs
+    from course_lib.onnx.compare import compare_outputs
 
     batch, height, width = size
     specs = contracts(candidate.config, batch, height, width)
@@ -231,7 +232,9 @@ def _run(module: nn.Module, feed: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 def _check_onnx(path: str, reference, size, seed, rtol, atol) -> HW3Result:
     import onnx
 
-    from .compare import compare_outputs, run_ort
+    from course_lib.onnx.compare import compare_outputs
+
+    from course_lib.onnx.session import run_ort
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX model {path} does not exist")

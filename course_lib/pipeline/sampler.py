@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .contract import CONTROL_NAMES
+from course_lib.cnsd.contract import CONTROL_NAMES
 
 NUM_TRAIN_STEPS = 1000    # DDPM timesteps the model was trained with
 LINEAR_START = 0.00085    # cldm_v15.yaml linear_start

@@ -4,7 +4,7 @@ Each homework chapter ends with a "Hand it in" cell; from a terminal::
 
     python -m course_lib submit --hw 1 --student alice --seed 1234 --out alice_hw1.zip
 
-The homework's files live in ``homework/<hw1|hw2|hw3|int8>/``: :mod:`course_lib.handin` writes them (see
+The homework's files live in ``homework/<hw1|hw2|hw3|int8>/``: :mod:`course_lib.homework.handin` writes them (see
 :data:`course_lib.homework.ARTIFACTS` for each file and the chapter cell that makes it). :func:`submit` runs
 the homework's tests here (the same tests the grader re-runs, see :mod:`course_lib.homework`), then writes
 one zip, atomically::
@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .homework import ARTIFACTS, FOLDERS, Evidence, Outcome, derive_seed, homework_name, run_tests
-from .safezip import ALLOWED_SUFFIXES, ZipLimits, check_external_data, hash_files, write_zip
+from course_lib.homework import ARTIFACTS, FOLDERS, Evidence, Outcome, derive_seed, homework_name, run_tests
+from course_lib.homework.safezip import ALLOWED_SUFFIXES, ZipLimits, check_external_data, hash_files, write_zip
 
 FORMAT = "course_lib.submission/1"
 _STUDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -57,8 +57,8 @@ def machine_info() -> dict:
     """Homework submission: versions (course_lib, Python, torch, onnx, onnxruntime, TensorRT, CUDA) and GPU."""
     import onnx
 
-    from . import __version__
-    from .env import detect
+    from course_lib import __version__
+    from course_lib.env import detect
 
     env = detect()
     gpu = {}
@@ -200,7 +200,7 @@ def submit(hw, student: str, seed: int = 0, *, work: str | Path = "homework", ou
         sources = {n: root / n for n in names}
         stripped, originals = [], {}
         if config != "tiny":                           # leave the gigabytes of weights out
-            from .safezip import sha256_file
+            from course_lib.homework.safezip import sha256_file
             for name in [n for n in names if n.endswith((".onnx", ".safetensors"))]:
                 originals[name] = sha256_file(root / name)
                 stripped.append(name)

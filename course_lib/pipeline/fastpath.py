@@ -24,8 +24,8 @@ token           what it does
 
 This module holds the switches and the pieces a fast step is made of: :func:`to_half`, :class:`Graphed`
 (CUDA graphs per input shape), :class:`GuidedEps` (ControlNet + UNet + guidance as one function of
-tensors), :func:`controls_from_guided_hint` and :class:`ReuseEps`. :mod:`course_lib.fastpipeline`
-puts them together as :class:`~course_lib.fastpipeline.FastCanny2Image`.
+tensors), :func:`controls_from_guided_hint` and :class:`ReuseEps`. :mod:`course_lib.pipeline.fastpipeline`
+puts them together as :class:`~course_lib.pipeline.fastpipeline.FastCanny2Image`.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cnsd.attention import ATTENTION_BACKENDS, set_attention_backend
-from .cnsd.sampler import CFG_MODES, DDIMSchedule, classifier_free_guidance
+from course_lib.cnsd.attention import ATTENTION_BACKENDS, set_attention_backend
+from course_lib.pipeline.sampler import CFG_MODES, DDIMSchedule, classifier_free_guidance
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -159,7 +159,7 @@ class Graphed:
         self.graphs: dict = {}
 
     def __call__(self, *inputs: torch.Tensor):
-        from .trt.cudagraph import TorchGraphed
+        from course_lib.trt.cudagraph import TorchGraphed
 
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         if key not in self.graphs:
@@ -172,7 +172,7 @@ def controls_from_guided_hint(controlnet, x: torch.Tensor, guided_hint: torch.Te
     """Chapter 3 ("hint-once"): ``controlnet.forward`` given the output of its ``input_hint_block``.
 
     The hint block reads only the hint, so its output (B, model_channels, h, w) is the same at every
-    DDIM step: compute it once per image with ``controlnet.input_hint_block(hint, None, None)``.
+    DDIM step: compute it once per image with ``controlnet.input_hint_block(hint)``.
     Returns the 13 controls, equal to ``controlnet(x, hint, timestep, context)`` (tests check it).
     """
     return controlnet.controls(x, guided_hint, timestep, context)
@@ -184,7 +184,7 @@ class GuidedEps:
 
     ``compute(x, t, context, hint) -> eps``: x (B, 4, h, w) float32; t (B,) int32; context (2B, 77, C)
     = [cond; uncond]; hint (B or 2B, ...) as ``FastCanny2Image.prepare_hint`` made it.
-    Returns eps float32 (B, 4, h, w), computed like :func:`course_lib.cnsd.sampler.guided_eps`.
+    Returns eps float32 (B, 4, h, w), computed like :func:`course_lib.pipeline.sampler.guided_eps`.
     """
 
     def __init__(self, controlnet, unet, dtype: torch.dtype, cfg: str, scale: float, scales: Sequence[float]):

@@ -1,9 +1,9 @@
 """How much INT8 costs in accuracy, and what it buys in speed -- measured, never assumed.
 
-Chapter 5 introduces this module, after :mod:`course_lib.quantize` has written the Q/DQ models:
+Chapter 5 introduces this module, after :mod:`course_lib.precision.int8` has written the Q/DQ models:
 
 * :func:`int8_accuracy` -- per model and output, the INT8 model's error against the fp32 model on the
-  same recorded inputs (use runs held out of calibration: :class:`~course_lib.calibration.CalibrationReader`
+  same recorded inputs (use runs held out of calibration: :class:`~course_lib.precision.calibration.CalibrationReader`
   ``runs=``). ONNX Runtime executes Q/DQ graphs on the CPU, so this runs anywhere.
 * :func:`compare_images` -- end to end: the image from the INT8 ControlNet/UNet against the fp32 image
   (PSNR, largest pixel difference, and the course's PD where pytorch-fid and its weights are installed).
@@ -68,7 +68,7 @@ class AccuracyTable:
 
 
 def _session(path, providers):
-    from .compare import ort_session
+    from course_lib.onnx.session import ort_session
 
     return ort_session(path, list(providers) if providers else ["CPUExecutionProvider"])
 
@@ -79,7 +79,7 @@ def int8_accuracy(fp32_onnx, int8_onnx, feeds, name: str | None = None,
 
     Args:
         fp32_onnx, int8_onnx: paths of the two models (same inputs and outputs).
-        feeds: a :class:`~course_lib.calibration.CalibrationReader` (its samples, in order) or any iterable
+        feeds: a :class:`~course_lib.precision.calibration.CalibrationReader` (its samples, in order) or any iterable
             of ``{input name: array}``; use held-out runs, not the ones the ranges were calibrated on.
         name: the model's name in the table (default: the fp32 file name).
         providers: ONNX Runtime providers (default CPU, where Q/DQ graphs run everywhere).
@@ -132,8 +132,8 @@ def compare_images(reference, candidate, with_pd: bool | None = None, device: st
 
     ``with_pd``: True requires pytorch-fid and its weights; None measures PD where they are installed.
     """
-    from .env import MissingDependency
-    from .score import max_pixel_diff, perceptual_distance, psnr
+    from course_lib.env import MissingDependency
+    from course_lib.score import max_pixel_diff, perceptual_distance, psnr
 
     pd = None
     if with_pd is not False:
@@ -226,7 +226,7 @@ def ort_latency(onnx_path, feed: Mapping, runs: int = 20, warmup: int = 3, provi
     import onnxruntime as ort
     from pathlib import Path
 
-    from .score import time_process
+    from course_lib.timing import time_cpu
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -235,7 +235,7 @@ def ort_latency(onnx_path, feed: Mapping, runs: int = 20, warmup: int = 3, provi
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
     feed = {k: np.asarray(v) for k, v in feed.items()}
-    times = time_process(lambda: session.run(None, feed), n_warmup=warmup, n=runs, sync=lambda: None)
+    times = time_cpu(lambda: session.run(None, feed), warmup=warmup, iters=runs, sync=lambda: None)
     return Latency(Path(onnx_path).name, session.get_providers()[0], statistics.median(times), min(times), runs)
 
 

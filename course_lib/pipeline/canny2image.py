@@ -31,11 +31,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..backends import Backend, TorchBackend
-from .config import LATENT_SCALE, CNSDConfig
-from .contract import MODEL_NAMES, NUM_CONTROLS, contracts
-from .hint import canny_hint, hwc3, resize_image
-from .sampler import CFG_MODES, ddim_sample, guided_eps, make_ddim_schedule
+from course_lib.backends import Backend, TorchBackend
+from course_lib.cnsd.config import LATENT_SCALE, CNSDConfig
+from course_lib.cnsd.contract import MODEL_NAMES, NUM_CONTROLS, contracts
+from course_lib.pipeline.hint import canny_hint, hwc3, resize_image
+from course_lib.pipeline.sampler import CFG_MODES, ddim_sample, guided_eps, make_ddim_schedule
 
 A_PROMPT = "best quality, extremely detailed"
 N_PROMPT = "longbody, lowres, bad anatomy, bad hands, missing fingers"

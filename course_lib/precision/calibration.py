@@ -6,7 +6,7 @@ only as good as the inputs they were measured on. The course recorded them from 
 
 1. :class:`RecordingBackend` wraps any backend: each ``infer(feed)`` is handed to a writer, then
    forwarded unchanged. :func:`capture_calibration` puts one around each sub-model of a
-   :class:`~course_lib.cnsd.pipeline.Canny2Image` for the duration of some ``process()`` calls.
+   :class:`~course_lib.pipeline.canny2image.Canny2Image` for the duration of some ``process()`` calls.
 2. Every call becomes one ``.npz`` (keys = the contract's input names) and one manifest entry saying
    which run (image, prompt, seed), which DDIM step (and timestep) and which call of that step it was
    (with ``cfg="separate"``: call 0 is the prompt, call 1 the negative prompt)::
@@ -22,7 +22,7 @@ only as good as the inputs they were measured on. The course recorded them from 
    ``CalibrationDataReader`` (``get_next`` / ``rewind``) for ``quantize_static``, and
    :meth:`CalibrationReader.as_arrays` stacks them into the ``{input name: array}`` dict that ModelOpt's
    ``calibration_data`` takes. ``runs=`` selects samples by run, so some runs can be held out for
-   measuring accuracy (:func:`course_lib.quantize.int8_accuracy`).
+   measuring accuracy (:func:`course_lib.precision.int8.int8_accuracy`).
 
 At 20 steps with separate CFG one image gives 40 ControlNet and 40 UNet samples, 2 CLIP and 1 decoder.
 """
@@ -39,15 +39,11 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from course_lib.files import temp_dir_beside
+from course_lib.onnx.session import to_numpy as _to_numpy
+
 MANIFEST = "manifest.json"
-FORMAT = "course_lib.calibration/1"
-
-
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):                                   # a torch tensor, on any device
-        value = value.detach().cpu()
-        return value.float().numpy() if str(value.dtype) == "torch.bfloat16" else value.numpy()
-    return np.asarray(value)
+FORMAT = "course_lib.precision.calibration/1"
 
 
 class CalibrationWriter:
@@ -72,7 +68,7 @@ class CalibrationWriter:
             raise ValueError(f"{self.out_dir} already holds files: pass overwrite=True to replace it")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.overwrite = overwrite
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self.tmp = temp_dir_beside(self.out_dir)
         self.info = dict(info or {})
         self.runs: list[dict] = []
         self.inputs: dict[str, dict[str, dict]] = {}
@@ -164,7 +160,7 @@ def capture_calibration(pipe, images: Sequence, prompts: Sequence[str], out_dir:
     """Chapter 5: run ``pipe.process`` once per (image, prompt, seed) and record every sub-model's inputs.
 
     Args:
-        pipe: a :class:`~course_lib.cnsd.pipeline.Canny2Image` (any backends: torch, ONNX Runtime, TensorRT).
+        pipe: a :class:`~course_lib.pipeline.canny2image.Canny2Image` (any backends: torch, ONNX Runtime, TensorRT).
         images: uint8 HxWx3 arrays or image files; one run per image.
         prompts, seeds: one per image, or a single one used for every image.
         out_dir: the calibration folder to write (e.g. ``calib_data``).
@@ -185,7 +181,7 @@ def capture_calibration(pipe, images: Sequence, prompts: Sequence[str], out_dir:
     unknown = [m for m in models if m not in pipe.backends]
     if unknown:
         raise ValueError(f"models {unknown}: expected some of the pipeline's {list(pipe.backends)}")
-    info = {"created_by": "course_lib.calibration.capture_calibration", "cfg": pipe.cfg,
+    info = {"created_by": "course_lib.precision.calibration.capture_calibration", "cfg": pipe.cfg,
             "process": {k: v for k, v in process_kwargs.items() if isinstance(v, (int, float, str, bool))}}
     info["step_stride"] = step_stride
     writer = CalibrationWriter(out_dir, overwrite=overwrite, info=info, step_stride=step_stride)
@@ -195,7 +191,7 @@ def capture_calibration(pipe, images: Sequence, prompts: Sequence[str], out_dir:
         for i in tqdm(range(n), desc="calibration runs", disable=not progress):
             image, prompt, seed = images[i], prompts[i % len(prompts)], int(seeds[i % len(seeds)])
             if isinstance(image, (str, os.PathLike)):
-                from .samples import read_image
+                from course_lib.samples import read_image
                 name, image = Path(image).name, read_image(image)
             else:
                 name = f"image{i}"

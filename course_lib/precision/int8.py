@@ -9,7 +9,7 @@ INT8 types only (no uint8), zero point 0 (symmetric), Q/DQ from the standard ONN
    TensorRT; "max" or "entropy" ranges) when it is installed, or ONNX Runtime's ``quantize_static`` with
    the settings in :data:`ORT_TRT_OPTIONS` (QDQ format, QInt8 activations and weights, symmetric, bias
    left float, per-channel weights, Q/DQ on the inputs of the weighted layers only; "max" ranges).
-   Ranges come from recorded inputs (:mod:`course_lib.calibration`). Layers left unquantized stay fp32;
+   Ranges come from recorded inputs (:mod:`course_lib.precision.calibration`). Layers left unquantized stay fp32;
    for TensorRT INT8 against FP16 they have to be FP16 too (``high_precision="fp16"``, ModelOpt).
 2. :func:`sensitive_nodes` finds layers one may want to keep in float: the attention matmuls around the
    softmax, the norms, the first and last convs, the time embedding; pass them as ``exclude_nodes``.
@@ -17,7 +17,7 @@ INT8 types only (no uint8), zero point 0 (symmetric), Q/DQ from the standard ONN
    Q followed by DQ, and which compute layers stayed float. :func:`quantize_int8` refuses to write a
    model that fails it.
 
-Accuracy and speed of the result are measured with :mod:`course_lib.int8_eval`.
+Accuracy and speed of the result are measured with :mod:`course_lib.precision.evaluation`.
 """
 from __future__ import annotations
 
@@ -26,18 +26,17 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
-INT8_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")   # the layers whose inputs TensorRT runs in INT8
+from course_lib.files import temp_dir_beside
+from course_lib.onnx.graph import load_graph
+from course_lib.precision.qdq import INT8_OP_TYPES, QDQReport, check_qdq, constant_tensors
+
 # ONNX Runtime quantize_static in the form TensorRT builds (see the module docstring)
 ORT_TRT_OPTIONS = {
     "ActivationSymmetric": True,     # activation zero point 0 (TensorRT has no asymmetric INT8)
@@ -52,23 +51,7 @@ SENSITIVE_GROUPS = ("attention", "norm", "first_last_conv", "time_embed")
 CALIBRATION_METHODS = ("max", "entropy")
 METHODS = ("auto", "ort", "modelopt")
 _NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
-_INT8 = onnx.TensorProto.DataType.Value("INT8")      # the only Q/DQ type TensorRT takes
 
-
-def _load_graph(onnx_path) -> onnx.ModelProto:
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} does not exist")
-    return onnx.load(str(path), load_external_data=False)
-
-
-def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
-    """Names of tensors that do not depend on any graph input (initializers, Constants, their results)."""
-    const = {i.name for i in graph.initializer}
-    for node in graph.node:                                     # nodes are in topological order
-        if all(not name or name in const for name in node.input):
-            const.update(node.output)
-    return const
 
 # -------------------------------------------------------------------------------- sensitive layers
 
@@ -86,8 +69,8 @@ def sensitive_nodes(onnx_path, groups: Sequence[str] = SENSITIVE_GROUPS) -> dict
     bad = [g for g in groups if g not in SENSITIVE_GROUPS]
     if bad:
         raise ValueError(f"groups {bad}: expected some of {SENSITIVE_GROUPS}")
-    graph = _load_graph(onnx_path).graph
-    const = _constant_tensors(graph)
+    graph = load_graph(onnx_path).graph
+    const = constant_tensors(graph)
     compute = [n for n in graph.node if n.op_type in INT8_OP_TYPES]
     found: dict[str, list[str]] = {}
     if "attention" in groups:
@@ -151,7 +134,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
 
     Args:
         fp32_onnx, out_onnx: paths; the output folder is created; weights over 2 GB go to ``<out>.data``.
-        reader: a :class:`~course_lib.calibration.CalibrationReader` (or any ORT CalibrationDataReader for
+        reader: a :class:`~course_lib.precision.calibration.CalibrationReader` (or any ORT CalibrationDataReader for
             method "ort") giving the recorded inputs of this model.
         method: "ort" (ONNX Runtime quantize_static, :data:`ORT_TRT_OPTIONS`), "modelopt" (ModelOpt's ONNX
             PTQ) or "auto" (ModelOpt when installed, else ORT).
@@ -167,7 +150,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
     Returns a :class:`QuantizeResult`; a ``<out>.json`` sidecar records the settings and the check.
     Raises ValueError when the written model fails :func:`check_qdq` (nothing is left under ``out_onnx``).
     """
-    from .env import has_module
+    from course_lib.env import has_module
 
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
     if method not in METHODS:
@@ -176,7 +159,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
         raise ValueError(f"calibration {calibration!r}: expected one of {CALIBRATION_METHODS}")
     if out_onnx.suffix != ".onnx" or out_onnx.resolve() == fp32_onnx.resolve():
         raise ValueError(f"out_onnx {out_onnx}: expected a new .onnx path, not the fp32 model's")
-    graph = _load_graph(fp32_onnx).graph
+    graph = load_graph(fp32_onnx).graph
     names = [n for group in exclude_nodes.values() for n in group] if isinstance(exclude_nodes, Mapping) \
         else list(exclude_nodes)
     unknown = sorted(set(names) - {n.name for n in graph.node})
@@ -197,7 +180,7 @@ def quantize_int8(fp32_onnx, out_onnx, reader, method: str = "auto", calibration
         reader.rewind()
 
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_onnx.name}.tmp-", dir=out_onnx.parent))
+    tmp = temp_dir_beside(out_onnx)
     start = time.perf_counter()
     try:
         tmp_onnx = tmp / out_onnx.name
@@ -288,7 +271,7 @@ def _quantize_ort(fp32_onnx, out_onnx, reader, calibration, per_channel, op_type
 
 def _quantize_modelopt(fp32_onnx, out_onnx, reader, calibration, per_channel, op_types, exclude_op_types, names,
                        providers, external, high_precision, progress) -> int:
-    from .env import require
+    from course_lib.env import require
 
     moq = require("modelopt.onnx.quantization", "INT8 quantization with ModelOpt (chapter 5)")
     if not per_channel:
@@ -304,121 +287,6 @@ def _quantize_modelopt(fp32_onnx, out_onnx, reader, calibration, per_channel, op
                  use_external_data_format=external, output_path=str(out_onnx),
                  high_precision_dtype=high_precision, log_level="WARNING")
     return len(reader)
-
-# --------------------------------------------------------------------------------- the check
-
-
-@dataclass
-class QDQReport:
-    """Chapter 5: what :func:`check_qdq` found. ``passed``: TensorRT's Q/DQ rules hold (and there are Q/DQ)."""
-    path: str
-    quantize: int = 0
-    dequantize: int = 0
-    per_channel_weights: int = 0
-    per_tensor_weights: int = 0
-    quantized_layers: list[str] = field(default_factory=list)     # "Conv <node name>", both inputs from DQ
-    float_layers: list[str] = field(default_factory=list)         # compute layers with a float input
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems and self.dequantize > 0
-
-    def layer_counts(self) -> dict[str, tuple[int, int]]:
-        """``{op type: (int8 layers, float layers)}``."""
-        q = Counter(s.split(" ", 1)[0] for s in self.quantized_layers)
-        f = Counter(s.split(" ", 1)[0] for s in self.float_layers)
-        return {op: (q[op], f[op]) for op in sorted(set(q) | set(f))}
-
-    def summary(self) -> dict:
-        return {"passed": self.passed, "QuantizeLinear": self.quantize, "DequantizeLinear": self.dequantize,
-                "per_channel_weights": self.per_channel_weights, "per_tensor_weights": self.per_tensor_weights,
-                "layers_int8_float": self.layer_counts(), "problems": self.problems[:20]}
-
-    def __str__(self) -> str:
-        verdict = "PASSED" if self.passed else f"FAILED ({len(self.problems)} problem(s))"
-        lines = [f"{Path(self.path).name}: {verdict}: {self.quantize} QuantizeLinear, {self.dequantize} "
-                 f"DequantizeLinear; weights {self.per_channel_weights} per-channel, {self.per_tensor_weights} per-tensor",
-                 f"{'layer':<14}{'int8':>6}{'float':>7}"]
-        lines += [f"{op:<14}{q:>6}{f:>7}" for op, (q, f) in self.layer_counts().items()]
-        if self.float_layers:
-            more = f" (+{len(self.float_layers) - 8} more)" if len(self.float_layers) > 8 else ""
-            lines.append("float: " + ", ".join(self.float_layers[:8]) + more)
-        lines += [f"problem: {p}" for p in self.problems[:10]]
-        return "\n".join(lines)
-
-
-def _int8_zero_point(node, consts, folder) -> tuple[int, np.ndarray | None]:
-    """(ONNX element type, zero-point values) of a Q/DQ node; no zero point means uint8 0 before opset 21."""
-    if len(node.input) > 2 and node.input[2]:
-        tensor = consts.get(node.input[2])
-        if tensor is None:
-            return onnx.TensorProto.UNDEFINED, None
-        return tensor.data_type, numpy_helper.to_array(tensor, base_dir=folder)
-    attrs = {a.name: a.i for a in node.attribute}
-    return attrs.get("output_dtype", 0) or onnx.TensorProto.UINT8, np.zeros(1)
-
-
-def check_qdq(onnx_path) -> QDQReport:
-    """Chapter 5: check an INT8 ONNX the way TensorRT reads it; lists the layers that stayed float.
-
-    Problems found (each a line in ``report.problems``): a Q/DQ whose type is not INT8 (uint8 included),
-    a non-zero zero point (asymmetric), a scale that is not a positive constant, a Q not followed only by
-    DQ, a DQ reading something other than a Q or an INT8 weight (e.g. an int32 bias), Q/DQ outside the
-    standard ONNX domain. Compute layers (Conv, ConvTranspose, MatMul, Gemm) are INT8 when both their
-    data inputs come from DQ, float otherwise. Weights are not loaded (scales and zero points are).
-    """
-    path = Path(onnx_path)
-    model = _load_graph(path)
-    graph, folder = model.graph, str(path.parent)
-    consts = {t.name: t for t in graph.initializer}
-    consts.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    report = QDQReport(str(path))
-    type_name = onnx.TensorProto.DataType.Name
-    for node in graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        where = f"{node.op_type} {node.name or node.output[0]}"
-        if node.domain not in ("", "ai.onnx"):
-            report.problems.append(f"{where}: domain {node.domain!r}, TensorRT parses only standard ONNX Q/DQ")
-        dtype, zero = _int8_zero_point(node, consts, folder)
-        if dtype != _INT8:
-            report.problems.append(f"{where}: type {type_name(dtype)}, TensorRT needs INT8")
-        elif zero is None or np.any(zero != 0):
-            report.problems.append(f"{where}: zero point not 0 (asymmetric), TensorRT needs 0")
-        scale = consts.get(node.input[1])
-        values = numpy_helper.to_array(scale, base_dir=folder) if scale is not None else None
-        if values is None or not np.all(np.isfinite(values)) or np.any(values <= 0):
-            report.problems.append(f"{where}: scale is not a positive constant")
-        if node.op_type == "QuantizeLinear":
-            report.quantize += 1
-            if any(c.op_type != "DequantizeLinear" for c in consumers.get(node.output[0], [])):
-                report.problems.append(f"{where}: output feeds a node other than DequantizeLinear")
-            continue
-        report.dequantize += 1
-        source = node.input[0]
-        q = producer.get(source)
-        if source in consts:                                            # an INT8 weight (or an int32 bias)
-            if consts[source].data_type != _INT8:
-                report.problems.append(f"{where}: reads {type_name(consts[source].data_type)} initializer "
-                                       f"{source!r}, TensorRT needs INT8 weights (and float biases)")
-        elif q is None or q.op_type != "QuantizeLinear":
-            report.problems.append(f"{where}: reads {source!r}, neither a QuantizeLinear output nor an INT8 weight")
-        if source in consts or (q is not None and q.op_type == "QuantizeLinear" and q.input[0] in consts):
-            per_channel = values is not None and values.size > 1         # a weight: stored INT8, or float + Q
-            report.per_channel_weights += per_channel
-            report.per_tensor_weights += not per_channel
-    for node in graph.node:
-        if node.op_type in INT8_OP_TYPES:
-            from_dq = [i in producer and producer[i].op_type == "DequantizeLinear" for i in node.input[:2]]
-            (report.quantized_layers if all(from_dq) else report.float_layers).append(f"{node.op_type} {node.name}")
-    return report
-
 
 __all__ = ["CALIBRATION_METHODS", "INT8_OP_TYPES", "METHODS", "ORT_TRT_OPTIONS", "QDQReport", "QuantizeResult",
            "SENSITIVE_GROUPS", "check_qdq", "quantize_int8", "sensitive_nodes"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import onnx
 
 
-def _load_graph(model) -> onnx.ModelProto:
+def load_graph(model) -> onnx.ModelProto:
+    """A path's graph without its weights (fast for 3 GB models), or the ModelProto given; one-line errors."""
     if isinstance(model, onnx.ModelProto):
         return model
     path = Path(model)
@@ -24,12 +25,12 @@ def _load_graph(model) -> onnx.ModelProto:
 
 def op_census(model) -> Counter:
     """Chapter 1: how many nodes of each op type a graph has (a path or an onnx.ModelProto)."""
-    return Counter(node.op_type for node in _load_graph(model).graph.node)
+    return Counter(node.op_type for node in load_graph(model).graph.node)
 
 
 def io_table(model) -> str:
     """Chapter 1: the graph's inputs and outputs, one line each: name, dtype, shape (names for dynamic axes)."""
-    graph = _load_graph(model).graph
+    graph = load_graph(model).graph
     initializers = {t.name for t in graph.initializer}
     lines = []
     for kind, values in (("input", [v for v in graph.input if v.name not in initializers]), ("output", graph.output)):
@@ -46,7 +47,7 @@ def show_in_netron(path: str | Path, port: int = 8081, height: int = 600):
 
     Needs ``pip install netron``; the server stays up until :func:`stop_netron` or the kernel ends.
     """
-    from .env import require
+    from course_lib.env import require
 
     netron = require("netron", "viewing graphs")
     path = Path(path)
@@ -60,6 +61,6 @@ def show_in_netron(path: str | Path, port: int = 8081, height: int = 600):
 
 def stop_netron(port: int = 8081) -> None:
     """Chapter 1: stop the Netron server started by :func:`show_in_netron`."""
-    from .env import require
+    from course_lib.env import require
 
     require("netron", "viewing graphs").stop(("127.0.0.1", port))

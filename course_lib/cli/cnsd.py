@@ -1,0 +1,193 @@
+"""The CNSD commands: env, demo, export (chapter 1), build, run, score (chapter 2), bench (chapter 3)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from course_lib.cnsd.contract import MODEL_NAMES
+from course_lib.cli.common import load_model, make_tokenizer, say
+
+
+def cmd_env(args) -> int:
+    from course_lib.env import detect
+
+    say(detect().report())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from course_lib.onnx.export_cnsd import check_exports, export_cnsd
+
+    start = time.perf_counter()
+    model = load_model(args.config, args.checkpoint, args.seed)
+    dynamic = [a for a in args.dynamic.split(",") if a] if args.dynamic else []
+    results = export_cnsd(model, args.out, batch=args.batch, height=args.height, width=args.width,
+                          dynamic=dynamic, models=args.models)
+    for result in results.values():
+        say(f"wrote {result}")
+    if args.no_check:
+        return 0
+    table = check_exports(model, args.out, batch=args.batch, height=args.height, width=args.width,
+                          models=args.models)
+    say(str(table))
+    say(f"export finished in {time.perf_counter() - start:.0f} s")
+    return 0 if table.passed else 1
+
+
+def cmd_demo(args) -> int:
+    """Chapter 1's whole story on the tiny model, offline: export, parity, canny2image on torch and ORT."""
+    import numpy as np
+
+    from course_lib.backends import make_backends
+    from course_lib.onnx.export_cnsd import check_exports, export_cnsd
+    from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.samples import sample_photo, write_image
+    from course_lib.score import max_pixel_diff, psnr
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    model = load_model("tiny", None, seed=0)
+    tokenizer = make_tokenizer("tiny", None)
+    photo = sample_photo(size=(args.height, args.width))
+    export_cnsd(model, out / "onnx", height=args.height, width=args.width, progress=False)
+    table = check_exports(model, out / "onnx", height=args.height, width=args.width)
+    images = {}
+    for kind in ("torch", "ort"):
+        pipe = Canny2Image(make_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config,
+                           progress=not args.quiet)
+        images[kind] = pipe.process(photo, "a bird", image_resolution=min(args.height, args.width),
+                                    ddim_steps=args.steps)[0]
+        write_image(out / f"canny2image_{kind}.png", images[kind])
+        say(f"{kind:5s}: {pipe.last_timings.total:.0f} ms -> {out / f'canny2image_{kind}.png'}")
+    write_image(out / "canny_hint.png", pipe.last_edge_map)
+    say(str(table))
+    diff = max_pixel_diff(images["torch"], images["ort"])
+    say(f"image torch vs ONNX Runtime: max pixel difference {diff}, PSNR {psnr(images['torch'], images['ort']):.1f} dB")
+    say(f"demo finished in {time.perf_counter() - start:.0f} s (random tiny weights: the image is noise-like "
+         "by design; load the sd15 checkpoint for real pictures)")
+    return 0 if table.passed and diff <= 2 and np.isfinite(images["ort"]).all() else 1
+
+
+def cmd_run(args) -> int:
+    from course_lib.backends import make_backends
+    from course_lib.cnsd import get_config
+    from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.samples import read_image, sample_photo, write_image
+
+    photo = read_image(args.image) if args.image else sample_photo()      # bad input first, before any model
+    config = get_config(args.config)
+    tokenizer = make_tokenizer(args.config, args.vocab)
+    device = args.device or ("cuda" if args.backend == "trt" else "cpu")
+    model = load_model(args.config, args.checkpoint, args.seed_weights).to(device) if args.backend == "torch" else None
+    backends = make_backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
+    pipe = Canny2Image(backends, tokenizer, config, device=device, cfg=args.cfg)
+    image = pipe.process(photo, args.prompt, image_resolution=args.resolution, ddim_steps=args.steps, seed=args.seed)[0]
+    write_image(args.out, image)
+    say(f"{args.backend}: {pipe.last_timings.total:.0f} ms -> {args.out}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from course_lib.trt import require_tensorrt
+
+    require_tensorrt("building TensorRT plans")
+    from course_lib.trt.build import build_plans
+
+    plans = build_plans(args.onnx_dir, args.out, profile=args.profile, opt_level=args.opt_level,
+                        timing_cache=args.timing_cache)
+    for plan in plans:
+        say(f"wrote {plan}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Chapter 3: one pipeline variant on a random-weight preset; JSON under --out."""
+    from course_lib.bench import run_bench, stage_table, variant_table
+
+    result = run_bench(args.config, args.variant, device=args.device, iters=args.iters, warmup=args.warmup,
+                       height=args.height, width=args.width, steps=args.steps, seed=args.seed, out=args.out,
+                       stages=not args.no_stages)
+    say(variant_table([result]))
+    if not args.no_stages:
+        say(stage_table([result]))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from course_lib.score import score_folder, score_table
+
+    say(score_table(score_folder(args.images, args.reference, with_pd=args.pd)))
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register env, demo, export, build, run, bench and score with their handlers."""
+    sub.add_parser("env", help="what this machine can run (GPU, CUDA, TensorRT, ORT) and which cells skip").set_defaults(func=cmd_env)
+
+    d = sub.add_parser("demo", help="chapter 1 on the tiny model, offline: export, parity, canny2image on torch and ORT")
+    d.add_argument("--out", default="demo_out", help="folder for the ONNX files and images (default: demo_out)")
+    d.add_argument("--height", type=int, default=128, help="image height (default 128: under a minute on 2 CPU cores)")
+    d.add_argument("--width", type=int, default=192, help="image width (default 192; the course scores 256x384)")
+    d.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the course)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("export", help="export the four CNSD models to ONNX and check them against torch")
+    e.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    e.add_argument("--checkpoint", help="control_sd15_canny.pth or .safetensors (default: random weights)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--height", type=int, default=256)
+    e.add_argument("--width", type=int, default=384)
+    e.add_argument("--dynamic", default="", help="dynamic axes, e.g. B or B,H,W (default: static shapes)")
+    e.add_argument("--models", nargs="+", choices=MODEL_NAMES)
+    e.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
+    e.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
+
+    b = sub.add_parser("build", help="build TensorRT plans from a folder of ONNX files (needs TensorRT)")
+    b.add_argument("--onnx-dir", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--profile", choices=["static", "dynamic"], default="static")
+    b.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5")
+    b.add_argument("--timing-cache", help="timing cache file to load and update")
+
+    r = sub.add_parser("run", help="canny2image on torch, ONNX Runtime or TensorRT")
+    r.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch")
+    r.add_argument("--image", help="input photo (default: a sample photo shipped with matplotlib)")
+    r.add_argument("--prompt", default="a bird")
+    r.add_argument("--out", required=True, help="output image (.png)")
+    r.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    r.add_argument("--checkpoint", help="weights for --backend torch (default: random, --seed-weights)")
+    r.add_argument("--seed-weights", type=int, default=0)
+    r.add_argument("--onnx-dir", help="folder with clip/controlnet/unet/decoder.onnx (--backend ort)")
+    r.add_argument("--plan-dir", help="folder with clip/controlnet/unet/decoder.plan (--backend trt)")
+    r.add_argument("--vocab", help="CLIP vocabulary (HF tokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--resolution", type=int, default=256)
+    r.add_argument("--seed", type=int, default=2946901)
+    r.add_argument("--cfg", choices=["separate", "batched"], default="separate")
+    r.add_argument("--cuda-graph", action="store_true", help="replay CUDA graphs (--backend trt)")
+    r.add_argument("--device", help="cpu or cuda (default: cuda for trt, else cpu)")
+
+    n = sub.add_parser("bench", help="time one canny2image variant (chapter 3), e.g. fp16-batched-graph-sdpa")
+    n.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    n.add_argument("--variant", default="fp32-separate",
+                   help="switches joined by '-': fp32|fp16, separate|batched, graph, sdpa, hint-once, compile, "
+                        "reuse-epsN, stepsN, cache-text")
+    n.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    n.add_argument("--iters", type=int, default=5)
+    n.add_argument("--warmup", type=int, default=1)
+    n.add_argument("--height", type=int, default=256)
+    n.add_argument("--width", type=int, default=384)
+    n.add_argument("--steps", type=int, default=20)
+    n.add_argument("--seed", type=int, default=2946901)
+    n.add_argument("--out", help="folder for bench_<variant>.json")
+    n.add_argument("--no-stages", action="store_true", help="time the whole pipeline only")
+
+    s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images")
+    s.add_argument("images")
+    s.add_argument("--reference", required=True, help="folder with the fp32 reference images (same names)")
+    s.add_argument("--pd", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute PD with pytorch_fid (default: when installed)")
+    for parser, func in ((d, cmd_demo), (e, cmd_export), (b, cmd_build), (r, cmd_run), (n, cmd_bench), (s, cmd_score)):
+        parser.set_defaults(func=func)

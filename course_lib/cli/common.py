@@ -1,0 +1,29 @@
+"""What the command groups share: printing, the CNSD model of a preset, its tokenizer."""
+from __future__ import annotations
+
+
+def say(msg: str) -> None:
+    """Print one line now (progress of long commands must not wait for a buffer)."""
+    print(msg, flush=True)
+
+
+def load_model(config: str, checkpoint: str | None, seed: int = 0):
+    """The CNSD model of a preset: the checkpoint's weights if given, else seeded random weights."""
+    from course_lib.cnsd import build_cnsd, get_config
+    from course_lib.cnsd.checkpoint import load_checkpoint
+
+    cfg = get_config(config)
+    say(f"building CNSD ({config})" + (f" and loading {checkpoint}" if checkpoint else f", random weights (seed {seed})"))
+    model = build_cnsd(cfg, seed=seed)
+    if checkpoint:
+        say(str(load_checkpoint(checkpoint, model)))
+    return model
+
+
+def make_tokenizer(config: str, vocab: str | None):
+    """The tiny preset runs offline on the byte-level tokenizer; sd15 needs CLIP's real vocabulary."""
+    from course_lib.cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
+
+    if vocab is None and config == "tiny":
+        return byte_level_tokenizer()
+    return get_tokenizer(vocab)

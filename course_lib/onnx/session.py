@@ -1,0 +1,91 @@
+"""ONNX Runtime: one way to open a session and feed it, for parity checks and the pipeline. Chapter 1.
+
+:func:`ort_session` opens a model (providers: CUDA where onnxruntime-gpu sees a GPU, else CPU; never
+ORT's TensorRT EP); :func:`ort_feed` turns torch tensors or arrays into the numpy arrays the session
+declares, by name, and refuses what does not fit; :func:`run_ort` runs a session on a feed.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# ONNX Runtime providers tried by default, best first. ORT's TensorRT EP is left out on purpose: it builds
+# TensorRT engines inside the session (minutes for the UNet); the course builds its own in chapter 2.
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+# ONNX element types the course's models use -> numpy
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+             "tensor(int64)": np.int64, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+
+
+def default_providers() -> list[str]:
+    """Chapter 2: the providers a session gets when none are named: those of :data:`DEFAULT_PROVIDERS`
+    this onnxruntime build has (CUDA, then CPU)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in DEFAULT_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+
+
+def to_numpy(x) -> np.ndarray:
+    """A torch tensor (any device) or array-like as a numpy array."""
+    if hasattr(x, "detach"):                       # a torch tensor, on any device
+        x = x.detach().cpu()
+        return x.float().numpy() if str(x.dtype) == "torch.bfloat16" else x.numpy()
+    return np.asarray(x)
+
+
+def ort_session(path, providers: Sequence[str] | None = None):
+    """Chapter 1: an ``onnxruntime.InferenceSession`` for ``path`` (external data is found next to it).
+
+    ``providers=None`` takes those of :data:`DEFAULT_PROVIDERS` that are installed (CUDA, else CPU);
+    naming a provider that is not installed is a ValueError. If ORT falls back from the first
+    provider at run time (e.g. missing CUDA libraries), a warning says so.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} does not exist")
+    available = ort.get_available_providers()
+    if providers is None:
+        providers = default_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ValueError(f"ONNX Runtime providers {missing} are not installed here (available: {available})")
+    session = ort.InferenceSession(str(path), providers=list(providers))
+    if providers and session.get_providers()[0] != providers[0]:
+        warnings.warn(f"ONNX Runtime could not use {providers[0]} for {path.name}; "
+                      f"running on {session.get_providers()[0]}", RuntimeWarning, stacklevel=2)
+    return session
+
+
+def ort_feed(session, feed: Mapping) -> dict[str, np.ndarray]:
+    """Torch tensors / arrays to numpy, checked against the model's input names and dtypes (no casts)."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    if set(feed) != set(inputs):
+        raise ValueError(f"feed names {sorted(feed)} differ from the model inputs {sorted(inputs)}")
+    out = {}
+    for name, value in feed.items():
+        array = np.ascontiguousarray(to_numpy(value))
+        want = inputs[name].type                      # e.g. "tensor(int32)"
+        got = f"tensor({ {'float32': 'float', 'float64': 'double'}.get(array.dtype.name, array.dtype.name) })"
+        if got != want:
+            raise ValueError(f"input {name!r}: got {array.dtype.name}, the model expects {want}")
+        out[name] = array
+    return out
+
+
+def run_ort(session_or_path, feed: Mapping, output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Chapter 1: run an ONNX Runtime session (or a model path) on ``{input_name: tensor}``.
+
+    Torch tensors are converted to numpy keeping their dtype (an int32 ``timestep`` stays int32; a
+    dtype the model does not expect is a ValueError). Returns ``{output_name: numpy array}``.
+    """
+    session = ort_session(session_or_path) if isinstance(session_or_path, (str, os.PathLike)) else session_or_path
+    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, ort_feed(session, feed))))
