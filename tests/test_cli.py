@@ -132,30 +132,81 @@ def test_run_with_a_missing_image_is_exit_2(tmp_path):
     assert len(error_lines(err)) == 1 and "nope.png" in err
 
 
-@pytest.mark.skipif(has_module("tensorrt"), reason="tensorrt is installed: build would run")
+NO_TENSORRT = "import sys; sys.modules['tensorrt'] = sys.modules['tensorrt_rtx'] = None; "  # imports fail as if absent
+
+
 def test_build_without_tensorrt_says_so_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "course_lib", "build", "--onnx-dir", str(tmp_path),
+    code = NO_TENSORRT + "from course_lib.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "build", "--onnx-dir", str(tmp_path),
                            "--out", str(tmp_path / "plans")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == EXIT_USAGE, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "TensorRT" in lines[0] and "install" in lines[0]
+    assert len(lines) == 1 and "neither tensorrt nor tensorrt_rtx is installed" in lines[0]
+    assert "pip install tensorrt-cu13" in lines[0] and "pip install tensorrt-rtx" in lines[0]
     assert proc.stdout == "" and not (tmp_path / "plans").exists()
 
 
-@pytest.mark.skipif(has_module("tensorrt"), reason="tensorrt is installed: the missing-dependency path can't run")
-def test_run_trt_without_tensorrt_is_one_line_and_exit_2(tmp_path):
+def _static_onnx(path, input_name="latent"):
+    """A two-node static ONNX (Conv + Relu) under one of the course's model names: a build in a second."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])
+    weight = numpy_helper.from_array(np.ones((3, 4, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", [input_name, "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["image"], name="act")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [weight]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.skipif(not has_module("tensorrt_rtx"), reason="needs TensorRT for RTX (the dev extra installs it)")
+def test_build_on_a_cpu_with_tensorrt_for_rtx(tmp_path):
+    """``python -m course_lib build --onnx-dir DIR --out DIR`` on a machine without a GPU."""
+    _static_onnx(tmp_path / "decoder.onnx")
+    proc = subprocess.run([sys.executable, "-m", "course_lib", "build", "--onnx-dir", str(tmp_path), "--out",
+                           str(tmp_path / "plans"), "--tensorrt", "tensorrt_rtx", "--compute-capability", "8.6"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "building with TensorRT for RTX" in proc.stdout and f"wrote {tmp_path / 'plans' / 'decoder.plan'}" in proc.stdout
+    side = json.loads((tmp_path / "plans" / "decoder.plan.json").read_text())
+    assert side["flavour"] == "tensorrt_rtx" and side["compute_capabilities"] == ["86"]
+    code, _, err = run_main(["build", "--onnx-dir", tmp_path, "--out", tmp_path / "again", "--tensorrt", "tensorrt_rtx",
+                             "--timing-cache", tmp_path / "t.cache"])
+    assert code == EXIT_USAGE and len(error_lines(err)) == 1 and "has no timing cache" in err
+
+
+def test_tensorrt_option_asks_for_a_missing_flavour_in_one_line(tmp_path):
+    missing = next((name for name in ("tensorrt", "tensorrt_rtx") if not has_module(name)), None)
+    if missing is None:
+        pytest.skip("both TensorRT flavours are installed here")
+    code, out, err = run_main(["build", "--onnx-dir", tmp_path, "--out", tmp_path / "plans", "--tensorrt", missing])
+    assert code == EXIT_USAGE and out == ""
+    [line] = error_lines(err)
+    assert f"{missing} (" in line and "is asked for (COURSE_TENSORRT or --tensorrt) but not installed" in line
+    from course_lib.trt import flavour
+
+    assert flavour.chosen() == "auto"                     # --tensorrt held for that one command only
+
+
+def test_run_trt_without_tensorrt_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    for name in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, name, None)
     (tmp_path / "plans").mkdir()
     code, _, err = run_main(["run", "--backend", "trt", "--plan-dir", tmp_path / "plans", "--steps", 1,
                              "--out", tmp_path / "x.png"])
     assert code == EXIT_USAGE
     [line] = error_lines(err)
-    assert "tensorrt is not installed" in line and "TrtBackend" in line
+    assert "neither tensorrt nor tensorrt_rtx is installed" in line and "TrtBackend" in line
 
 
 def test_env_prints_the_report():
     code, out, _ = run_main(["env"])
     assert code == 0
-    for row in ("torch", "CUDA GPU", "TensorRT", "onnxruntime", "ORT providers", "notebook cells"):
+    for row in ("torch", "CUDA GPU", "TensorRT (tensorrt)", "TensorRT for RTX (tensorrt_rtx)", "onnxruntime",
+                "ORT providers", "notebook cells"):
         assert any(line.startswith(row) for line in out.splitlines()), row
 
 
@@ -233,7 +284,12 @@ def test_yolo_export_detect_check_and_build(tmp_path):
     assert code == 0 and "onnxruntime:" in out and read_image(tmp_path / "boxes.png").shape == (600, 512, 3)
     code, out, _ = run_main(["yolo", "check", "--size", "n", "--img-size", "160", "--onnx", onnx_path])
     assert "max abs error" in out and "detections reference / candidate" in out
-    if not has_module("tensorrt"):
+    if has_module("tensorrt_rtx"):                       # yolo build on the CPU: TensorRT for RTX
+        code, out, err = run_main(["yolo", "build", "--size", "n", "--img-size", "160", "--onnx", onnx_path,
+                                   "--out", tmp_path / "y.plan", "--tensorrt", "tensorrt_rtx"])
+        assert code == 0, err
+        assert f"wrote {tmp_path / 'y.plan'}" in out and json.loads((tmp_path / "y.plan.json").read_text())["flavour"] == "tensorrt_rtx"
+    elif not has_module("tensorrt"):
         code, _, err = run_main(["yolo", "build", "--onnx", onnx_path, "--out", tmp_path / "y.plan"])
         assert code == EXIT_USAGE and "TensorRT" in err and len(err.strip().splitlines()) == 1
 

@@ -18,8 +18,9 @@ import torch
 from onnx import TensorProto, helper
 
 from course_lib.cnsd import build_cnsd, contracts, example_inputs, get_config
-from course_lib.cnsd.export import export_cnsd
-from course_lib.cnsd.fusion import count_attention_matmuls, expected_matmul_counts, fuse_qkv
+from course_lib.cnsd.fusion import fuse_qkv
+from course_lib.onnx.attention_census import count_attention_matmuls, expected_matmul_counts
+from course_lib.onnx.export_cnsd import export_cnsd
 from course_lib.trt import Engine, FeatureMissing, build_engine_plan, build_plans, inspect_onnx, read_sidecar
 from course_lib.trt.flavour import RTX_DEFAULT_CCS
 from course_lib.trt.plan import sidecar_path, this_gpu
@@ -101,7 +102,7 @@ def test_census_of_the_parsed_unet(work):
 
 
 def test_chapter3_fp16_onnx_builds(work):
-    from course_lib.precision import to_fp16_onnx
+    from course_lib.precision.fp16 import to_fp16_onnx
 
     for name in ("controlnet", "unet"):
         fp16 = to_fp16_onnx(work["static"][name], work["folder"] / "fp16" / f"{name}.onnx", progress=False)
@@ -146,7 +147,7 @@ class _Inputs:
 
 
 def test_chapter5_int8_qdq_builds(work):
-    from course_lib.quantize import quantize_int8
+    from course_lib.precision.int8 import quantize_int8
 
     for name in ("controlnet", "unet"):
         qdq = quantize_int8(work["static"][name], work["folder"] / "int8" / f"{name}.int8.onnx", _Inputs(name),
@@ -159,7 +160,7 @@ def test_chapter5_int8_qdq_builds(work):
 
 
 def test_chapter6_yolov5_builds(work):
-    from course_lib.onnx_export import export_onnx
+    from course_lib.onnx.export import export_onnx
     from course_lib.yolov5 import INPUT_NAME, OUTPUT_NAME, YOLOv5, yolov5_preset
 
     config = yolov5_preset("n", nc=9, img_size=SIZE)

@@ -34,3 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        flavour = sys.modules.get("course_lib.trt.flavour")
+        if flavour is not None:
+            flavour.select(None)             # --tensorrt holds for one command (main may run again in-process)

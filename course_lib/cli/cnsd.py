@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from course_lib.cnsd.contract import MODEL_NAMES
-from course_lib.cli.common import load_model, make_tokenizer, say
+from course_lib.cli.common import add_tensorrt_option, load_model, make_tokenizer, say, use_tensorrt
 
 
 def cmd_env(args) -> int:
@@ -80,6 +80,7 @@ def cmd_run(args) -> int:
     tokenizer = make_tokenizer(args.config, args.vocab)
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
     model = load_model(args.config, args.checkpoint, args.seed_weights).to(device) if args.backend == "torch" else None
+    use_tensorrt(args)
     backends = make_backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
     pipe = Canny2Image(backends, tokenizer, config, device=device, cfg=args.cfg)
     image = pipe.process(photo, args.prompt, image_resolution=args.resolution, ddim_steps=args.steps, seed=args.seed)[0]
@@ -89,13 +90,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from course_lib.trt import require_tensorrt
+    from course_lib.trt.flavour import label, require_tensorrt
 
-    require_tensorrt("building TensorRT plans")
+    use_tensorrt(args)
+    trt = require_tensorrt("building TensorRT plans")
     from course_lib.trt.build import build_plans
 
+    say(f"building with {label(trt)}")
     plans = build_plans(args.onnx_dir, args.out, profile=args.profile, opt_level=args.opt_level,
-                        timing_cache=args.timing_cache)
+                        timing_cache=args.timing_cache, batch=args.batch, height=args.height, width=args.width,
+                        compute_capabilities=args.compute_capability or None, progress=False)
     for plan in plans:
         say(f"wrote {plan}")
     return 0
@@ -144,12 +148,18 @@ def add_commands(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
     e.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
 
-    b = sub.add_parser("build", help="build TensorRT plans from a folder of ONNX files (needs TensorRT)")
+    b = sub.add_parser("build", help="build TensorRT plans from a folder of ONNX files (TensorRT for RTX: no GPU needed)")
     b.add_argument("--onnx-dir", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--profile", choices=["static", "dynamic"], default="static")
     b.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5")
-    b.add_argument("--timing-cache", help="timing cache file to load and update")
+    b.add_argument("--timing-cache", help="timing cache file to load and update (full TensorRT only)")
+    b.add_argument("--batch", type=int, default=1, help="batch the plans are built (static) or tuned (dynamic) for")
+    b.add_argument("--height", type=int, default=256, help="image height (default 256, as the course)")
+    b.add_argument("--width", type=int, default=384, help="image width (default 384, as the course)")
+    b.add_argument("--compute-capability", action="append", metavar="CC",
+                   help="TensorRT for RTX: a target such as 8.6 (repeatable; default 8.0, 8.6, 8.9, 12.0)")
+    add_tensorrt_option(b)
 
     r = sub.add_parser("run", help="canny2image on torch, ONNX Runtime or TensorRT")
     r.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch")
@@ -168,6 +178,7 @@ def add_commands(sub) -> None:
     r.add_argument("--cfg", choices=["separate", "batched"], default="separate")
     r.add_argument("--cuda-graph", action="store_true", help="replay CUDA graphs (--backend trt)")
     r.add_argument("--device", help="cpu or cuda (default: cuda for trt, else cpu)")
+    add_tensorrt_option(r)
 
     n = sub.add_parser("bench", help="time one canny2image variant (chapter 3), e.g. fp16-batched-graph-sdpa")
     n.add_argument("--config", choices=["tiny", "sd15"], default="tiny")

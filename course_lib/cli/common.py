@@ -27,3 +27,18 @@ def make_tokenizer(config: str, vocab: str | None):
     if vocab is None and config == "tiny":
         return byte_level_tokenizer()
     return get_tokenizer(vocab)
+
+
+def add_tensorrt_option(parser) -> None:
+    """``--tensorrt {auto,tensorrt,tensorrt_rtx}`` on a command that builds or runs plans (chapter 2)."""
+    parser.add_argument("--tensorrt", choices=["auto", "tensorrt", "tensorrt_rtx"], default=None,
+                        help="which TensorRT: full TensorRT, TensorRT for RTX (builds without a GPU), or auto "
+                             "(full TensorRT first); default: $COURSE_TENSORRT, else auto")
+
+
+def use_tensorrt(args) -> None:
+    """Make ``--tensorrt`` the flavour of this process (course_lib.trt.flavour.select); None leaves the default."""
+    if getattr(args, "tensorrt", None) is not None:
+        from course_lib.trt.flavour import select
+
+        select(args.tensorrt)

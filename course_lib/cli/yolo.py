@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from course_lib.cli.common import say
+from course_lib.cli.common import add_tensorrt_option, say, use_tensorrt
 
 
 def _yolo_model(args):
@@ -39,6 +39,8 @@ def cmd_yolo(args) -> int:
 
     from course_lib.yolov5 import PostProcessor, PreProcessor, check_outputs, draw_boxes
 
+    use_tensorrt(args)
+
     if args.yolo_command == "export":
         from course_lib.onnx.export import export_onnx
 
@@ -49,20 +51,22 @@ def cmd_yolo(args) -> int:
         say(f"wrote {result}")
         return 0
     if args.yolo_command == "build":
-        from course_lib.trt import require_tensorrt
+        from course_lib.trt.flavour import require_tensorrt
 
         require_tensorrt("building the YOLOv5 engine")
         from course_lib.trt.build import build_engine_plan
-        from course_lib.trt.profiles import onnx_input_dims, shapes_at, static_profile
+        from course_lib.trt.profiles import onnx_input_dims, static_profile
 
         onnx_path = Path(args.onnx)
         if args.fp16:
             from course_lib.precision.fp16 import to_fp16_onnx
 
             onnx_path = to_fp16_onnx(onnx_path, Path(args.out).with_suffix(".fp16.onnx")).path
-        dims = onnx_input_dims(onnx_path)
-        profile = static_profile(shapes_at(dims, batch=args.batch, height=args.img_size, width=args.img_size), dims)
-        build_engine_plan(onnx_path, args.out, profile, opt_level=args.opt_level)
+        dims = onnx_input_dims(onnx_path)          # a free axis: the batch (axis 0) or the image size
+        shapes = {name: tuple(d if isinstance(d, int) else args.batch if i == 0 else args.img_size
+                              for i, d in enumerate(dim)) for name, dim in dims.items()}
+        profile = static_profile(shapes, dims)
+        build_engine_plan(onnx_path, args.out, profile, opt_level=args.opt_level, progress=False)
         say(f"wrote {args.out}")
         return 0
     from course_lib.samples import read_image, sample_photo, write_image
@@ -103,7 +107,7 @@ def add_commands(sub) -> None:
     y = sub.add_parser("yolo", help="chapter 6: YOLOv5 export | build | detect | check")
     ysub = y.add_subparsers(dest="yolo_command", required=True)
     for name, text in (("export", "export the detector to ONNX (images -> output0)"),
-                       ("build", "build a TensorRT plan from the ONNX (needs TensorRT)"),
+                       ("build", "build a TensorRT plan from the ONNX (TensorRT for RTX: no GPU needed)"),
                        ("detect", "detect on a photo with torch, ONNX Runtime (--onnx) or TensorRT (--plan)"),
                        ("check", "compare ONNX Runtime with TensorRT (--plan) or torch: raw outputs and detections")):
         c = ysub.add_parser(name, help=text)
@@ -128,4 +132,6 @@ def add_commands(sub) -> None:
             c.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (course: 0.5)")
         if name == "detect":
             c.add_argument("--out", help="write the photo with its boxes here (.png)")
+        if name in ("build", "detect", "check"):
+            add_tensorrt_option(c)
     y.set_defaults(func=cmd_yolo)
