@@ -154,6 +154,10 @@ def test_homework_chapters_have_a_hand_it_in_section(name):
     (["requires-tensorrt"], {"gpu"}, {"gpu", "tensorrt"}, ("fail", None)),
     (["requires-tensorrt"], {"gpu"}, {"gpu"}, ("skip", "needs TensorRT")),
     (["interactive"], {"gpu", "tensorrt"}, {"gpu", "tensorrt"}, ("skip", bn.INTERACTIVE_REASON)),
+    (["requires-trt-builder"], {"trt-builder"}, set(), ("run", "")),           # TensorRT for RTX on a CPU
+    (["requires-trt-builder"], set(), set(), ("skip", "needs a TensorRT builder (pip install tensorrt-rtx)")),
+    (["requires-trt-builder"], set(), {"trt-builder"}, ("fail", None)),
+    (["requires-gpu", "requires-tensorrt"], {"trt-builder"}, set(), ("skip", "needs a CUDA GPU")),
 ])
 def test_cell_plan(tags, have, demanded, expected):
     what, why = bn.cell_plan(tags, have, demanded)
@@ -166,7 +170,8 @@ def test_cell_plan(tags, have, demanded, expected):
 
 def test_demanded_capabilities():
     assert bn.demanded_capabilities(set()) == set()
-    assert bn.demanded_capabilities({"tensorrt"}) == {"gpu", "tensorrt"}
+    assert bn.demanded_capabilities({"tensorrt"}) == {"gpu", "tensorrt", "trt-builder"}
+    assert bn.demanded_capabilities({"trt-builder"}) == {"trt-builder"}
     with pytest.raises(ValueError, match="COURSE_REQUIRE names unknown capability 'gpus'"):
         bn.demanded_capabilities({"gpus"})
 

@@ -1,8 +1,10 @@
 """Measure TensorRT for RTX's ahead-of-time builds on this (CPU-only) machine: time and peak RAM per model.
 
 Every export and every build runs in its own child process, so each peak RAM (the child's ru_maxrss,
-from os.wait4) is that step's alone. Repeated builds give a median and a min..max spread. Results go to
-a JSON file; docs/benchmarks.md quotes them. Benchmarks are not tests: run by hand, e.g.
+from os.wait4) and CPU time is that step's alone. Repeated builds give a median and a min..max spread;
+the 1-minute load average after each run shows how busy the machine was (a shared machine's builds
+slow down by the other work; CPU seconds move less than wall seconds). Results go to a JSON file;
+docs/benchmarks.md quotes them. Benchmarks are not tests: run by hand, e.g.
 
     nice -n 19 python tools/bench_rtx_build.py --out docs/bench/rtx_build_cpu.json            # tiny, 3 repeats
     nice -n 19 python tools/bench_rtx_build.py --config sd15 --models controlnet unet --repeat 2 \\
@@ -73,7 +75,9 @@ def run_child(*args: str) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"child {args[0]} failed:\n{err[-2000:]}")
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), "{}")
-    return {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), **json.loads(line)}
+    return {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "load_1m_after": round(os.getloadavg()[0], 2),
+            **json.loads(line)}
 
 
 def summary(values: list[float]) -> dict:
@@ -125,7 +129,8 @@ def main(argv=None) -> int:
         weights = sum(f.stat().st_size for f in onnx_dir.glob(f"{model}.onnx*") if not f.name.endswith(".json"))
         record["models"][model] = {
             "build_seconds": summary([r["build_seconds"] for r in runs]), "wall_seconds": summary([r["wall_s"] for r in runs]),
-            "peak_rss_gib": summary([r["peak_rss_gib"] for r in runs]), "layers": runs[0]["layers"],
+            "peak_rss_gib": summary([r["peak_rss_gib"] for r in runs]), "cpu_seconds": summary([r["cpu_s"] for r in runs]),
+            "load_1m": [r["load_1m_after"] for r in runs], "layers": runs[0]["layers"],
             "onnx_mib": round(weights / 2**20, 1), "plan_mib": round((work / "plans" / f"{model}.plan").stat().st_size / 2**20, 1)}
         if not args.keep:
             (work / "plans" / f"{model}.plan").unlink()
