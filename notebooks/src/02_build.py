@@ -9,16 +9,21 @@
 # 3. TensorRT's ideas that need no GPU: the TensorRT 8 → 10/11 API, **optimisation profiles**, the
 #    plan's **sidecar**, and the **CUDA-graph** state machine;
 # 4. the course **score**: PD, latency, and how they combine;
-# 5. on a GPU with TensorRT: **build** the four engines, run them, time them with and without CUDA
-#    graphs, and the harness for homework 2.
+# 5. **TensorRT or TensorRT for RTX**: the two flavours of TensorRT, and which one your GPU wants;
+# 6. **build** the four plans — on any CPU with TensorRT for RTX: the parsed network, profiles, memory
+#    pool, optimisation level, timing cache, plan sizes, static vs dynamic;
+# 7. on a GPU: run the plans, time them with and without CUDA graphs, and the harness for homework 2.
 #
-# Parts 1–4 run on a CPU with the `tiny` preset. Part 5's cells are tagged `requires-tensorrt`: on a
-# machine without TensorRT they are skipped, visibly.
+# Parts 1–4 run on a CPU with the `tiny` preset and need no TensorRT. Parts 5 and 6 need a TensorRT
+# *builder* (cells tagged `requires-trt-builder`): TensorRT for RTX (`pip install tensorrt-rtx`) builds on
+# a CPU, so they run on a laptop and in the course's CI; their stored outputs come from such a run (two
+# CPU cores, no GPU). Part 7 needs a GPU that runs the plans (`requires-gpu`, `requires-tensorrt`): where
+# there is none its cells are skipped, visibly.
 
 # %% tags=["nbval-ignore-output"]
 from course_lib.env import detect
 
-print(detect().report())   # part 5 needs "TensorRT" and a "CUDA GPU" here
+print(detect().report())   # parts 5-6 need a TensorRT builder here, part 7 a GPU that runs the plans
 
 # %% [markdown]
 # ## 1. The pipeline on ONNX Runtime, step by step
@@ -205,10 +210,11 @@ except ValueError as e:
 # ### 3.3 The plan and its sidecar
 #
 # A serialized engine (a *plan*) runs only on the TensorRT version that built it, on GPUs of the same
-# compute capability. `build_engine_plan` therefore writes `unet.plan.json` next to `unet.plan`: the
-# TensorRT version, GPU, compute capability, profiles, precision, optimisation level and the ONNX it
-# came from. `Engine.load()` checks it *before* deserializing and says how to rebuild. Here is a
-# sidecar written by hand, as if the plan came from a TA's RTX 3060:
+# compute capability (part 5: TensorRT for RTX's plans on the compute capabilities they were built
+# for). `build_engine_plan` therefore writes `unet.plan.json` next to `unet.plan`: the TensorRT flavour
+# and version, the target (GPU and compute capability), profiles, precision, optimisation level and
+# the ONNX it came from. `Engine.load()` checks it *before* deserializing and says how to rebuild.
+# Here is a sidecar written by hand, as if the plan came from a TA's RTX 3060:
 
 # %%
 from course_lib.trt import PlanSidecar, check_sidecar, read_sidecar, write_sidecar
@@ -241,6 +247,25 @@ with warnings.catch_warnings(record=True) as caught:
 print("same TensorRT and sm_86, other GPU -> one warning:", len(caught) == 1)
 check_sidecar(sidecar, "10.8.0.43", "NVIDIA GeForce RTX 3060", "sm_86")
 print("same TensorRT, same GPU -> the check passes")
+
+# %% [markdown]
+# A TensorRT for RTX plan (part 5) records where it runs instead of the GPU that built it: *ahead of
+# time, for compute capability 8.0, 8.6, 8.9, 12.0*. Any GPU of those runs it (its kernels are compiled
+# on that GPU); a Hopper GPU (9.0) or full TensorRT does not, in one line each:
+
+# %%
+rtx_sidecar = PlanSidecar(**{**sidecar.to_dict(), "tensorrt": "1.7.1.116", "gpu": "", "flavour": "tensorrt_rtx",
+                             "compute_capability": "80,86,89,120", "compute_capabilities": ["80", "86", "89", "120"],
+                             "target": "ahead of time, for compute capability 8.0, 8.6, 8.9, 12.0"})
+print(rtx_sidecar.describe())
+check_sidecar(rtx_sidecar, "1.7.1.116", "NVIDIA GeForce RTX 4070", "8.9", flavour="tensorrt_rtx")
+print("TensorRT for RTX on an RTX 4070 (sm_89) -> the check passes")
+for version, gpu, cc, flavour in (("1.7.1.116", "NVIDIA H100 80GB HBM3", (9, 0), "tensorrt_rtx"),
+                                  ("10.13.3.9", "NVIDIA GeForce RTX 4070", "8.9", "tensorrt")):
+    try:
+        check_sidecar(rtx_sidecar, version, gpu, cc, flavour=flavour, plan_path=handmade_plan)
+    except ValueError as e:
+        print("ValueError:", e)
 
 # %% [markdown]
 # ### 3.4 CUDA graphs: a small state machine
@@ -358,32 +383,172 @@ print("rows:", [r.name for r in rows], "| every max diff <= 2:", all(r.max_diff 
       "| no PD -> no score:", all(r.pd is None and r.score is None for r in rows))
 
 # %% [markdown]
-# ## 5. TensorRT (GPU + TensorRT)
+# ## 5. TensorRT or TensorRT for RTX
 #
-# From here on every cell needs a CUDA GPU and TensorRT (`requires-tensorrt`): on other machines they
-# are skipped. On yours they build the four engines from the ONNX files of part 1, the way the
-# course's `onnx2trt` did, with the TensorRT 10/11 API:
+# NVIDIA makes TensorRT in two flavours with one Python API — `Builder`, `OnnxParser`, profiles,
+# memory pools, `build_serialized_network`, `Runtime`, tensors by name, `execute_async_v3`:
 #
-# * a **static profile** at 1×128×192 (batch × H × W; the course builds 1×256×384),
-# * a **workspace** limit (the course used 10 GiB; the tiny model needs far less),
-# * the **builder optimisation level** (0–5; 3 is TensorRT's default, 5 searches longest),
-# * a **timing cache**: kernel timings saved to a file and reused by later builds (much faster rebuilds).
+# | | TensorRT (`tensorrt`) | TensorRT for RTX (`tensorrt_rtx`) |
+# |---|---|---|
+# | made for | data-centre GPUs (H100, A100, A10, L4, T4) and RTX cards: the course's original setting | consumer RTX GPUs and some data-centre ones: compute capability 8.0, 8.6, 8.9, 12.0 (A100, A10, RTX 30/40/50, L4, L40) |
+# | the builder | times candidate kernels **on the GPU it runs on** (autotuning) and keeps the fastest; a **timing cache** keeps those timings for the next build | needs **no GPU**: builds *ahead of time* for a list of **compute capabilities**; times nothing, so has no timing cache |
+# | the plan | the chosen kernels for that kind of GPU (same compute capability, same TensorRT version) and the weights | the network and its **weights**, no finished kernels: the GPU compiles them **just in time** on first use; a **runtime cache** file keeps them for the next run |
+# | precision | from the ONNX (strong typing); TensorRT 10 still has the FP16 builder flag | from the ONNX only: networks are always strongly typed |
+# | CUDA graphs | capture them yourself (`infer(..., use_cuda_graph=True)`, chapter 3) | that, or its built-in strategy (`Engine(..., tensorrt_graphs=True)`) |
+# | refuses | — | Hopper (H100, H200: compute capability 9.0) |
+#
+# **Which one your GPU wants.** An H100/H200, a V100 or a T4: TensorRT. An RTX 30/40/50 card, an A10, an
+# L4: either — TensorRT tunes each plan for the exact card, TensorRT for RTX builds one plan for all of
+# them (even on a machine without a GPU) and compiles it on each. No GPU at all: TensorRT for RTX still
+# builds every plan of this course, but nothing runs them.
+#
+# **What changes in your code.** The import — `import tensorrt_rtx as trt` instead of `import tensorrt
+# as trt` (the course does it in one place, `course_lib.trt.flavour`: `COURSE_TENSORRT=tensorrt_rtx`
+# or the CLI's `--tensorrt tensorrt_rtx` chooses it; otherwise full TensorRT comes first) — and, at run
+# time, the runtime cache: `engine.create_runtime_config()`, `config.create_runtime_cache()`, load the
+# file into it, `config.set_runtime_cache(cache)`, `engine.create_execution_context(config)`, and save
+# it after the first inference (`Engine` keeps it beside the plan as `controlnet.plan.runtime_cache`).
+# Where a flavour lacks something a cell asks for, the course says so in one sentence. Here:
+
+# %% tags=["requires-trt-builder", "nbval-ignore-output"]
+from course_lib.trt.flavour import FEATURES, has_feature, label, require_tensorrt
+
+trt = require_tensorrt()
+print("TensorRT in force:", label(trt))
+for feature, spec in FEATURES.items():
+    print(f"  {'has' if has_feature(trt, feature) else 'no':<4}{spec.what}")
+
+# %% [markdown]
+# ## 6. Building the four plans
+#
+# The cells of this part need only a builder (`requires-trt-builder`). With TensorRT for RTX they run
+# on any CPU — the outputs stored here come from two CPU cores without a GPU — with full TensorRT on a
+# GPU. They build the four plans from the ONNX files of part 1, the way the course's `onnx2trt` did,
+# with the TensorRT 10/11 API:
+#
+# * the **parsed network**: the ONNX parser turns each node into TensorRT *layers*;
+# * a **static profile** at 1×128×192 (batch × H × W; the course builds 1×256×384);
+# * a **workspace** memory pool limit (the course used 10 GiB; the tiny model needs far less);
+# * the **builder optimisation level** (0–5; 3 is TensorRT's default, 5 searches longest);
+# * a **timing cache** (full TensorRT): kernel timings saved to a file and reused by the next build.
 #
 # The build logs through Python (`course_lib.trt.logger`), so its warnings land in this notebook.
+# First the network as the parser sees it: how many layers, and of which types.
 
-# %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %% tags=["requires-trt-builder", "nbval-ignore-output"]
+from course_lib.cnsd import MODEL_NAMES
+from course_lib.trt import inspect_onnx
+
+networks = {name: inspect_onnx(onnx_dir / f"{name}.onnx") for name in MODEL_NAMES}
+for network in networks.values():
+    print(network.table(top=5))
+
+# %% [markdown]
+# Weights are `CONSTANT` layers, every reshape or transpose a `SHUFFLE`, every add or multiply an
+# `ELEMENTWISE` layer; the work is in `MATRIX_MULTIPLY` (attention, linear layers) and `CONVOLUTION`.
+# The builder fuses most of them away. Now the build itself:
+
+# %% tags=["requires-trt-builder", "nbval-ignore-output"]
 from course_lib.trt import build_plans
 
+timing_cache = out / "timing.cache" if has_feature(trt, "timing_cache") else None   # full TensorRT only
 plan_dir = out / "plans"
 plans = build_plans(onnx_dir, plan_dir, profile="static", batch=1, height=128, width=192, opt_level=3,
-                    timing_cache=out / "timing.cache", workspace_gib=2, progress=False)
+                    timing_cache=timing_cache, workspace_gib=2, progress=False)
 
-# %% tags=["requires-gpu", "requires-tensorrt"]
+# %% tags=["requires-trt-builder", "nbval-ignore-output"]
+print(f"{'plan':<16}{'layers':>7}{'build s':>9}{'ONNX MiB':>10}{'plan MiB':>10}  target")
 for plan in plans:
     side = read_sidecar(plan)
-    print(f"{plan.name:<16} opt level {side.builder_optimization_level}, workspace {side.workspace_gib} GiB, "
-          f"strongly typed {side.strongly_typed}, profile static: {all(a == b == c for a, b, c in side.profiles[0].values())}")
-print("timing cache written:", (out / "timing.cache").is_file())
+    onnx_mib = (onnx_dir / f"{plan.stem}.onnx").stat().st_size / 2**20
+    print(f"{plan.name:<16}{side.extra['layers']:>7}{side.build_seconds:>9.1f}{onnx_mib:>10.1f}"
+          f"{plan.stat().st_size / 2**20:>10.1f}  {side.target}")
+print(f"all: opt level {side.builder_optimization_level}, workspace pool {side.workspace_gib} GiB, "
+      f"strongly typed {side.strongly_typed}, {label(trt)}")
+
+# %% tags=["requires-trt-builder"]
+sides = {plan.stem: read_sidecar(plan) for plan in plans}
+print("4 plans, each with its sidecar:", sorted(sides) == sorted(MODEL_NAMES))
+print("static profile at 1x128x192:", all(lo == opt == hi for s in sides.values() for lo, opt, hi in s.profiles[0].values()),
+      "| hint", sides["controlnet"].profiles[0]["hint"][0])
+print("layers as parsed:", all(s.extra["layers"] == networks[name].layers for name, s in sides.items()))
+print("every plan holds its weights (at least the ONNX's size):",
+      all((plan_dir / f"{name}.plan").stat().st_size >= (onnx_dir / f"{name}.onnx").stat().st_size for name in sides))
+
+# %% [markdown]
+# **Timing cache, and a second build.** Full TensorRT times candidate kernels on the GPU during the
+# build; the timing cache keeps those timings, so building the same layers again skips the timing and
+# is much faster (the course's TA saw minutes become seconds for the UNet). TensorRT for RTX times
+# nothing at build time, so there is nothing to cache: its timing-cache calls are kept only as
+# deprecated no-ops, and `build_engine_plan(..., timing_cache=...)` says so in one sentence. The cell
+# builds the ControlNet twice — with full TensorRT the second build reuses the first one's cache — and
+# measures both.
+
+# %% tags=["requires-trt-builder", "nbval-ignore-output"]
+from course_lib.trt import FeatureMissing, build_engine_plan
+
+rebuild_cache = out / "rebuild.cache" if has_feature(trt, "timing_cache") else None
+if rebuild_cache is not None:
+    rebuild_cache.unlink(missing_ok=True)
+rebuild_s = [build_engine_plan(onnx_dir / "controlnet.onnx", out / "rebuild" / "controlnet.plan", static, workspace_gib=2,
+                               timing_cache=rebuild_cache, progress=False).build_seconds for _ in range(2)]
+print(f"first build {rebuild_s[0]:.1f} s, second build {rebuild_s[1]:.1f} s "
+      f"({'timing cache reused' if rebuild_cache else label(trt) + ': no timing cache, nothing to reuse'})")
+try:
+    build_engine_plan(onnx_dir / "controlnet.onnx", out / "rebuild" / "cached.plan", static, timing_cache=out / "t.cache")
+except FeatureMissing as e:
+    print("FeatureMissing:", e)
+
+# %% [markdown]
+# **Static or dynamic.** The dynamic ControlNet of 3.2 with its profile (batch 1–2, 128×128 up to
+# 256×384): one plan for every shape in the box, tuned for `opt`. Its sidecar keeps the box.
+
+# %% tags=["requires-trt-builder", "nbval-ignore-output"]
+dynamic_side = build_engine_plan(dynamic["controlnet"].path, out / "plans_dynamic" / "controlnet.plan", flexible,
+                                 workspace_gib=2, progress=False)
+static_side = sides["controlnet"]
+for kind, side, plan in (("static", static_side, plan_dir / "controlnet.plan"),
+                         ("dynamic", dynamic_side, out / "plans_dynamic" / "controlnet.plan")):
+    lo, opt, hi = side.profiles[0]["hint"]
+    print(f"{kind:<8} hint {tuple(lo)} / {tuple(opt)} / {tuple(hi)}   plan {plan.stat().st_size / 2**20:.1f} MiB"
+          f"   build {side.build_seconds:.1f} s")
+
+# %% [markdown]
+# A model the parser cannot take is one line naming the node and its op — and no plan is written.
+# `Det` (a matrix determinant) is a standard ONNX op that TensorRT has no layer for:
+
+# %% tags=["requires-trt-builder", "nbval-ignore-output"]
+import onnx
+from onnx import TensorProto, helper
+
+odd = helper.make_model(helper.make_graph(
+    [helper.make_node("Det", ["x"], ["y"], name="determinant")], "odd",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])]),
+    opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+onnx.save(odd, out / "odd.onnx")
+try:
+    build_engine_plan(out / "odd.onnx", out / "odd" / "odd.plan", progress=False)
+except ValueError as e:
+    parse_error = str(e)
+    print("ValueError:", parse_error)
+
+# %% tags=["requires-trt-builder"]
+print("one line, naming node and op:", "\n" not in parse_error and "node 'determinant' (op Det)" in parse_error,
+      "| nothing written:", not (out / "odd").exists())
+print("dynamic plan keeps its box:", dynamic_side.profiles[0]["hint"] == [[1, 3, 128, 128], [1, 3, 128, 192], [2, 3, 256, 384]])
+print("a second build with the same settings gives the same plan size:",
+      (out / "rebuild" / "controlnet.plan").stat().st_size == (plan_dir / "controlnet.plan").stat().st_size)
+
+# %% [markdown]
+# ## 7. Running the plans (GPU)
+#
+# From here on every cell needs a GPU that runs the plans (`requires-gpu`, `requires-tensorrt`): full
+# TensorRT with the GPU that built them, or TensorRT for RTX with a GPU of compute capability 8.0, 8.6,
+# 8.9 or 12.0. **Unverified on an RTX GPU:** the course's machines have no such GPU (their H100s refuse
+# TensorRT for RTX plans), so these cells have run with full TensorRT only. With TensorRT for RTX, the
+# runtime config, the runtime cache and `tensorrt_graphs` are written against `tensorrt_rtx` 1.7.1's API,
+# and tests/test_trt_names.py checks every name they call on the installed module — but none of it has
+# executed on a GPU.
 
 # %% [markdown]
 # `Engine` is the runtime: `load()` checks the sidecar and deserializes the plan, `activate()` creates an
@@ -396,6 +561,28 @@ from course_lib.trt import Engine
 engine = Engine(plan_dir / "controlnet.plan").load().activate()
 engine.allocate_buffers()
 print(engine.info())
+
+# %% [markdown]
+# **TensorRT for RTX: the runtime cache** (unverified, see above). The first inference on a GPU compiles
+# the plan's kernels; `Engine` saves them beside the plan (`decoder.plan.runtime_cache`), so the next load
+# starts without compiling. Timed for the decoder: load, activate and one inference, without and then
+# with the cache. Full TensorRT compiles nothing at load time; the cell says so.
+
+# %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+import time
+
+from course_lib.trt.runtime_config import runtime_cache_path
+
+if has_feature(trt, "runtime_cache"):
+    runtime_cache_path(plan_dir / "decoder.plan").unlink(missing_ok=True)
+    decoder_feed = {k: v.cuda() for k, v in example_inputs(table_128["decoder"], seed=0).items()}
+    for attempt in ("without a runtime cache", "with the first run's runtime cache"):
+        start = time.perf_counter()
+        Engine(plan_dir / "decoder.plan").infer(decoder_feed)
+        torch.cuda.synchronize()
+        print(f"load + first inference {attempt}: {time.perf_counter() - start:.2f} s")
+else:
+    print(f"{label(trt)} compiles nothing at load time: no runtime cache")
 
 # %% [markdown]
 # `infer(feed)` copies the feed into the input buffers, sets each tensor's address and runs
@@ -469,7 +656,7 @@ print("every engine replays its graph after warm-up and capture:",
 from course_lib.bench import hw2_sweep, hw2_table, plot_hw2
 
 records = hw2_sweep(onnx_dir, out / "hw2", opt_levels=(0, 3, 5), height=128, width=192,
-                    timing_cache=out / "timing.cache")
+                    timing_cache=timing_cache)
 from IPython.display import Image
 
 print(hw2_table(records))
@@ -501,7 +688,7 @@ SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor i
 student_model, hw1_onnx = build_cnsd(tiny, seed=SEED), Path("homework/hw1/onnx")
 export_cnsd(student_model, hw1_onnx, height=64, width=64, progress=False)
 build_plans(hw1_onnx, out / "hw1_plans", profile="static", batch=1, height=64, width=64, opt_level=3,
-            timing_cache=out / "timing.cache", workspace_gib=2, progress=False)
+            timing_cache=timing_cache, workspace_gib=2, progress=False)
 write_hw1_evidence(student_model, "homework", height=64, width=64, plan_dir=out / "hw1_plans", export=False,
                    progress=False)
 write_hw2_evidence(out / "hw2", "homework")      # <- or the FP16 sweep's folder
