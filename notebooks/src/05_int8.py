@@ -13,7 +13,8 @@
 # 5. try SmoothQuant, the trick that tames activation outliers.
 #
 # Everything runs on a CPU with the `tiny` preset at 64×64 and 2 DDIM steps. The TensorRT INT8 vs FP16
-# comparison at the end is tagged `requires-tensorrt`.
+# comparison at the end is tagged `requires-tensorrt`; building its plans only `requires-trt-builder`
+# (TensorRT for RTX builds them on a CPU).
 
 # %% tags=["nbval-ignore-output"]
 from course_lib.env import detect
@@ -345,18 +346,36 @@ print(f"INT8 / fp32 median: {latency['int8'].median_ms / latency['fp32'].median_
 #
 # ## 7. TensorRT: INT8 vs FP16 on the GPU
 #
-# On a machine with TensorRT, the Q/DQ file builds into an INT8 engine directly — no calibrator. The
-# layers left unquantized run in FP16 (the FP16 flag on a weakly typed network). The FP16 engine is built
-# from the fp32 file the same way.
+# The Q/DQ file builds into an INT8 engine directly — no calibrator. On TensorRT 10 the layers left
+# unquantized run in FP16 through the FP16 builder flag on a weakly typed network, and the FP16 engine
+# is built from the fp32 file the same way. TensorRT 11 and TensorRT for RTX have no such flag: their
+# networks are strongly typed, every layer runs in the ONNX's own type, so the FP16 engine comes from
+# chapter 3's FP16 ONNX and the INT8 file's unquantized layers stay fp32 (ModelOpt's
+# `high_precision="fp16"` would make them FP16). Building needs only a builder (`requires-trt-builder`):
+# TensorRT for RTX builds both files on a CPU — the stored outputs come from such a run. Whether its
+# just-in-time compiler then runs INT8 kernels on an RTX GPU is unverified here (no RTX-class GPU).
 
-# %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %% tags=["requires-trt-builder", "nbval-ignore-output"]
+from course_lib.precision.fp16 import to_fp16_onnx
 from course_lib.trt.build import build_engine_plan
+from course_lib.trt.flavour import has_feature, require_tensorrt
 
-plans = {}
-for kind, path in (("fp16", fp32["unet"]), ("int8", int8["unet"])):
+weak_fp16 = has_feature(require_tensorrt(), "fp16_flag")          # TensorRT 10: the FP16 builder flag
+fp16_unet = fp32["unet"] if weak_fp16 else to_fp16_onnx(fp32["unet"], out / "fp16" / "unet.onnx", progress=False).path
+plans, int8_plans = {}, {}
+for kind, path in (("fp16", fp16_unet), ("int8", int8["unet"])):
     plans[kind] = out / "plans" / f"unet.{kind}.plan"
-    build_engine_plan(path, plans[kind], workspace_gib=2, strongly_typed=False, fp16_flag=True, progress=False)
-print({kind: plan.name for kind, plan in plans.items()})
+    side = build_engine_plan(path, plans[kind], workspace_gib=2, strongly_typed=not weak_fp16, fp16_flag=weak_fp16,
+                             progress=False)
+    int8_plans[kind] = side
+    layers = side.extra["layer_types"]
+    print(f"unet {kind}: {side.extra['layers']} layers (QUANTIZE {layers.get('QUANTIZE', 0)}, DEQUANTIZE "
+          f"{layers.get('DEQUANTIZE', 0)}, CAST {layers.get('CAST', 0)}), {side.precision}, {side.build_seconds:.1f} s")
+
+# %% tags=["requires-trt-builder"]
+qdq_layers = int8_plans["int8"].extra["layer_types"]
+print("the Q/DQ UNet builds, its pairs parsed as QUANTIZE/DEQUANTIZE layers:",
+      plans["int8"].is_file() and qdq_layers.get("QUANTIZE", 0) > 0 and qdq_layers.get("DEQUANTIZE", 0) > 0)
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
 from course_lib.timing import summarize, time_cuda
