@@ -157,6 +157,7 @@ def test_chapter5_int8_qdq_builds(work):
                                  progress=False, tensorrt=FLAVOUR)
         kinds = side.extra["layer_types"]
         assert kinds["QUANTIZE"] > 0 and kinds["DEQUANTIZE"] >= kinds["QUANTIZE"], kinds
+        assert side.precision == "as in the ONNX (float32+int8)" and side.strongly_typed
 
 
 def test_chapter6_yolov5_builds(work):

@@ -72,13 +72,14 @@ def migration_table() -> str:
 
 
 def onnx_precision(onnx_path: str | Path) -> str:
-    """The float types of an ONNX's weights, e.g. ``"float16"`` or ``"float16+float32"`` (graph only)."""
+    """The types of an ONNX's weights, e.g. ``"float16+float32"``, ``"float32+int8"`` (Q/DQ) (graph only)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     proto = onnx.TensorProto
-    floats = {proto.FLOAT: "float32", proto.FLOAT16: "float16", proto.BFLOAT16: "bfloat16"}
-    kinds = sorted({floats[i.data_type] for i in model.graph.initializer if i.data_type in floats})
+    types = {proto.FLOAT: "float32", proto.FLOAT16: "float16", proto.BFLOAT16: "bfloat16",
+             proto.DataType.Value("INT8"): "int8"}          # by name: `.INT8` reads as TensorRT's removed flag
+    kinds = sorted({types[i.data_type] for i in model.graph.initializer if i.data_type in types})
     return "+".join(kinds) or "no float weights"
 
 
