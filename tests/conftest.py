@@ -3,12 +3,10 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """The tiny models are too small for intra-op threads: on a busy 2-core CI box they only contend.
-
-    Use it per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
-    """
+    """The tests run the tiny models on one thread: the fast setting on a busy 2-core CI box
+    (course_lib.threads explains why PyTorch's default collapses there)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

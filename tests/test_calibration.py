@@ -18,7 +18,6 @@ from course_lib.cnsd.tokenizer import get_tokenizer
 STEPS, SIZE = 2, 64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -229,7 +229,7 @@ def test_load_onnx_checked_errors(tmp_path):
 
 def test_one_file_per_weight_layout_is_gathered_into_one_data_file(tmp_path):
     # torch writes models over 2 GB as one file per weight; the export gathers them into <name>.data
-    from course_lib.onnx.export import _gather_weights
+    from course_lib.onnx.external_data import gather_weights
 
     m = Tiny().eval()
     export_onnx(m, feed(), tmp_path / "inline.onnx", output_names=["y", "h"], progress=False)
@@ -238,7 +238,7 @@ def test_one_file_per_weight_layout_is_gathered_into_one_data_file(tmp_path):
     onnx.save_model(onnx.load(str(tmp_path / "inline.onnx")), str(split / "t.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=False, size_threshold=0)
     assert len(list(split.iterdir())) == 1 + len(list(m.parameters()))
-    assert _gather_weights(split / "t.onnx", "t.onnx.data")
+    assert gather_weights(split / "t.onnx", "t.onnx.data")
     for f in split.iterdir():
         if f.name not in ("t.onnx", "t.onnx.data"):
             f.unlink()                                   # the per-weight files are no longer needed

@@ -12,7 +12,6 @@ from course_lib.pipeline.canny2image import A_PROMPT, N_PROMPT, Canny2Image, Sta
 from course_lib.cnsd.tokenizer import get_tokenizer
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

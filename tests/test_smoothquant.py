@@ -10,7 +10,6 @@ from course_lib.precision.smoothquant import (activation_channel_max, outlier_ra
                                     smooth_layernorm_linears, smooth_transformer_blocks, smoothing_scales)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -51,9 +51,13 @@ CAPABILITIES = ("gpu", "tensorrt", "trt-builder")
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
-# Run silently in every kernel before the first cell (here and in notebooks/conftest.py): plots go
-# inline (even where MPLBACKEND=Agg is set) and only as PNG (SVG embeds a date; nbval compares it).
+# Run silently in every kernel before the first cell (here and in notebooks/conftest.py): the course's CPU
+# thread policy (course_lib.threads), plots inline (even where MPLBACKEND=Agg is set) and only as PNG (SVG
+# embeds a date; nbval compares it).
 KERNEL_SETUP = """\
+import course_lib.threads as _threads
+_threads.apply_thread_policy()
+del _threads
 import os as _os
 _os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 get_ipython().config.InlineBackend.figure_formats = {"png"}

