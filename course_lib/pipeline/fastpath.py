@@ -23,7 +23,7 @@ token           what it does
 ==============  ================================================================================
 
 This module holds the switches and the pieces a fast step is made of: :func:`to_half`, :class:`Graphed`
-(CUDA graphs per input shape), :class:`GuidedEps` (ControlNet + UNet + guidance as one function of
+(CUDA graphs per input shape, :class:`course_lib.cudagraph.CudaGraph`), :class:`GuidedEps` (ControlNet + UNet + guidance as one function of
 tensors), :func:`controls_from_guided_hint` and :class:`ReuseEps`. :mod:`course_lib.pipeline.fastpipeline`
 puts them together as :class:`~course_lib.pipeline.fastpipeline.FastCanny2Image`.
 """
@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import torch
 
 from course_lib.cnsd.attention import ATTENTION_BACKENDS, set_attention_backend
+from course_lib.cudagraph import CudaGraph
 from course_lib.pipeline.sampler import CFG_MODES, DDIMSchedule, classifier_free_guidance
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -148,23 +149,7 @@ def global_switches(switches: Switches, cnsd: torch.nn.Module | None = None):
             set_attention_backend(cnsd, "math")
 
 
-class Graphed:
-    """Chapter 3: ``fn`` replayed from one CUDA graph per input shape (:class:`~course_lib.trt.cudagraph.TorchGraphed`).
-
-    The returned tensors are static buffers, overwritten by the next call of the same shape.
-    """
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-        self.graphs: dict = {}
-
-    def __call__(self, *inputs: torch.Tensor):
-        from course_lib.trt.cudagraph import TorchGraphed
-
-        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = TorchGraphed(self.fn, *inputs)
-        return self.graphs[key](*inputs)
+Graphed = CudaGraph   # chapter 3: ``fn`` replayed from one CUDA graph per input shapes (course_lib.cudagraph)
 
 
 def controls_from_guided_hint(controlnet, x: torch.Tensor, guided_hint: torch.Tensor, timestep: torch.Tensor,

@@ -5,7 +5,6 @@
 * :mod:`.logger`    TensorRT's log through Python ``logging``
 * :mod:`.build`     ONNX -> plan (``build_engine_plan``, ``build_plans``) and the TRT 8 -> 10 table
 * :mod:`.engine`    ``Engine``: load, activate, allocate buffers by name, infer
-* :mod:`.cudagraph` CUDA graph capture / replay (chapter 3)
 
 Importing this package never imports ``tensorrt``; the functions that need it call
 :func:`require_tensorrt`, which raises ``MissingDependency`` with one sentence when it is missing.
@@ -36,7 +35,6 @@ def tensorrt_version() -> str | None:
 
 
 from course_lib.trt.build import TRT8_TO_TRT10, build_engine_plan, build_plans, migration_table  # noqa: E402
-from course_lib.trt.cudagraph import CudaGraphRunner, GraphAction, GraphPolicy, GraphState, TorchGraphed  # noqa: E402
 from course_lib.trt.engine import Engine, check_feed, shared_device_memory, torch_dtype  # noqa: E402
 from course_lib.trt.plan import PlanSidecar, check_sidecar, read_sidecar, sidecar_path, write_sidecar  # noqa: E402
 from course_lib.trt.profiles import (  # noqa: E402
@@ -46,7 +44,6 @@ from course_lib.trt.profiles import (  # noqa: E402
 __all__ = [
     "require_tensorrt", "tensorrt_version",
     "TRT8_TO_TRT10", "build_engine_plan", "build_plans", "migration_table",
-    "CudaGraphRunner", "GraphAction", "GraphPolicy", "GraphState", "TorchGraphed",
     "Engine", "check_feed", "shared_device_memory", "torch_dtype",
     "PlanSidecar", "check_sidecar", "read_sidecar", "sidecar_path", "write_sidecar",
     "check_profile", "dims_from_contract", "dynamic_profile", "onnx_input_dims", "profile_table",

@@ -7,7 +7,7 @@ tensors, so the pipeline hands them around without copies.
 
     engine = Engine("plans/unet.plan").load().activate()
     engine.allocate_buffers()                       # static plan: shapes come from the plan
-    out = engine.infer(feed)                        # {name: tensor}; chapter 3: use_cuda_graph=True
+    out = engine.infer(feed)                        # {name: tensor}; use_cuda_graph=True: §3.4
 
 :func:`check_feed` (pure, tested on CPU) is the check every ``infer`` does first.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from course_lib.trt.cudagraph import CudaGraphRunner, GraphAction
+from course_lib.cudagraph import CudaGraph
 
 # TensorRT DataType member name -> torch dtype (looked up by name: no TensorRT needed)
 TRT_TO_TORCH = {
@@ -88,8 +88,8 @@ class Engine:
         self.engine = None
         self.context = None
         self.tensors: dict[str, torch.Tensor] = {}
-        self.graph = CudaGraphRunner(self.plan_path.name)
-        self.last_action: GraphAction | None = None
+        self.graph = CudaGraph(self._execute, self.plan_path.name, copy_inputs=False)
+        self.last_action: str | None = None        # "eager", or the graph's "warm-up" / "capture" / "replay"
         self._shared_memory: torch.Tensor | None = None
 
     def load(self) -> "Engine":
@@ -152,7 +152,7 @@ class Engine:
             self._shared_memory = shared_device_memory  # keep it alive as long as the context
         if self.context is None:
             raise RuntimeError(f"TensorRT could not create an execution context for {self.plan_path.name}")
-        self.graph.policy.reset()
+        self.graph.reset()                          # graphs recorded the old context's launches
         return self
 
     def _need(self, what: str) -> None:
@@ -207,6 +207,7 @@ class Engine:
             shape = tuple(self.context.get_tensor_shape(name))
             tensors[name] = torch.empty(shape, dtype=torch_dtype(self.engine.get_tensor_dtype(name)), device=device)
         self.tensors = tensors
+        self.graph.reset()
         return tensors
 
     def info(self) -> str:
@@ -233,7 +234,8 @@ class Engine:
         when they change; a static plan raises ValueError for other shapes). The returned tensors are the
         engine's own output buffers, overwritten by the next call (``.clone()`` what you keep), and
         ready on ``stream`` (a ``torch.cuda.Stream``, a raw handle, or None for the current stream).
-        Chapter 3: ``use_cuda_graph=True`` warms up, captures, then replays (see ``cudagraph``).
+        ``use_cuda_graph=True`` (chapter 2 §3.4): warm up, capture, replay, keyed by the buffers' shapes
+        and addresses (:class:`course_lib.cudagraph.CudaGraph`); ``last_action`` says which happened.
         """
         if self.context is None:
             self.activate()
@@ -252,17 +254,22 @@ class Engine:
         stream = _as_torch_stream(stream)
         if stream != torch.cuda.current_stream():
             stream.wait_stream(torch.cuda.current_stream())
+        for name, tensor in self.tensors.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
         with torch.cuda.stream(stream):
             for name in inputs:
                 self.tensors[name].copy_(feed[name], non_blocking=True)
-        for name, tensor in self.tensors.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        key = tuple((name, tuple(t.shape), t.data_ptr()) for name, t in self.tensors.items())
-        self.last_action = self.graph.run(self._enqueue, key, stream, use_cuda_graph)
+            if use_cuda_graph:
+                self.graph(*self.tensors.values())            # the buffers: their addresses are the key
+                self.last_action = self.graph.last_action
+            else:
+                self._execute()
+                self.last_action = "eager"
         return {name: self.tensors[name] for name in self.output_names}
 
-    def _enqueue(self, stream_handle: int) -> None:
-        if not self.context.execute_async_v3(stream_handle):
+    def _execute(self, *buffers: torch.Tensor) -> None:
+        """Launch the plan on torch's current stream (``buffers``: only the graph's key; they are bound)."""
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"TensorRT inference of {self.plan_path.name} failed (execute_async_v3 returned False)")
 
 
