@@ -70,7 +70,7 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
         if missing:
             raise FileNotFoundError(f"{Path(plan_dir) / (missing[0] + '.plan.json')} is missing: build the plans "
                                     f"from {folder / 'onnx'} with build_plans (chapter 2) first")
-    run = {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]), "width": int(photo.shape[1]),
+    run = {"prompt": prompt, **settings, "guidance": "separate", "height": int(photo.shape[0]), "width": int(photo.shape[1]),
            "tokenizer": "byte-level" if getattr(tokenizer, "byte_level", False) else "clip"}
     keep_trt = plan_dir is None and _trt_evidence_still_belongs(folder, run, photo)     # before images are replaced
     torch_device = next(model.parameters()).device
