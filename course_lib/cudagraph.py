@@ -96,6 +96,9 @@ class CudaGraph:
 
     def _capture(self, static: list) -> tuple:
         """Record ``fn(*static)`` into a new CUDA graph; returns (graph, static outputs)."""
+        on_host = [i for i, x in enumerate(static) if isinstance(x, torch.Tensor) and not x.is_cuda]
+        if on_host:                       # a graph records GPU work only: host work would not replay
+            raise ValueError(f"inputs {on_host} are not on a CUDA device")
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self.fn(*static)

@@ -50,6 +50,14 @@ def test_without_cuda_the_capture_fails_once_then_runs_eagerly():
     assert not graph.graphs
 
 
+def test_host_tensors_are_never_captured():
+    """Even on a CUDA machine: CPU work would run once during capture and never on replay."""
+    graph = CudaGraph(double, "host", warmup=0)
+    with pytest.warns(RuntimeWarning, match=r"host: CUDA graph capture failed \(ValueError: inputs \[0, 1\] are not on"):
+        out = graph(torch.ones(2), torch.ones(2))
+    assert torch.equal(out[0], torch.full((2,), 3.0)) and graph.failed and not graph.graphs
+
+
 def test_warm_up_capture_replay_per_key():
     calls = []
     graph = Recorded(lambda x: (calls.append(tuple(x.shape)) or x * 3,), "toy", warmup=2)
