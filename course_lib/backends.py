@@ -24,8 +24,9 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from course_lib.onnx.session import ORT_TYPES, default_providers, ort_session
+from course_lib.cudagraph import CudaGraph
 from course_lib.env import MissingDependency
+from course_lib.onnx.session import ORT_TYPES, default_providers, ort_session
 
 
 @runtime_checkable
@@ -165,7 +166,7 @@ class TrtBackend:
 
     Args:
         plan_path: the serialized engine (.plan) built in chapter 2.
-        use_cuda_graph: warm up, capture a CUDA graph, then replay it (chapter 2 times it, chapter 3 uses it).
+        use_cuda_graph: warm up, capture a CUDA graph, then replay it (chapter 2 §3.4).
         stream: a ``torch.cuda.Stream`` (or raw handle) to run on; default: torch's current stream.
         name: defaults to the file name without ``.plan``.
         copy_outputs: the Engine reuses its output buffers on every call, so by default the outputs are
@@ -219,6 +220,30 @@ class TrtBackend:
         return f"TrtBackend({self.name!r}, {self.path!r}, cuda_graph={self.use_cuda_graph})"
 
 
+class GraphedBackend:
+    """Chapter 3: another backend's ``infer`` replayed from CUDA graphs, one per input shapes.
+
+    For torch backends (TensorRT has ``use_cuda_graph``; ONNX Runtime can't be captured). Outputs are
+    copies of the graph's buffers, so they may be kept (e.g. in the text cache).
+    """
+
+    def __init__(self, backend: Backend, warmup: int = 1):
+        self.backend = backend
+        self.name, self.input_names, self.output_names = backend.name, backend.input_names, backend.output_names
+        self.graph = CudaGraph(self._infer, f"{backend.name} graph", warmup=warmup)
+
+    def _infer(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.backend.infer(dict(zip(self.input_names, inputs)))
+
+    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_feed(self.name, feed, self.input_names)
+        outs = self.graph(*(feed[n] for n in self.input_names))
+        return {n: t.clone() for n, t in outs.items()}
+
+    def __repr__(self) -> str:
+        return f"GraphedBackend({self.backend!r})"
+
+
 BACKEND_KINDS = ("torch", "ort", "trt")
 
 
@@ -258,5 +283,5 @@ def make_backends(kind: str, model=None, onnx_dir: str | os.PathLike | None = No
     return {n: TrtBackend(os.path.join(folder, f"{n}.plan"), use_cuda_graph=use_cuda_graph) for n in MODEL_NAMES}
 
 
-__all__ = ["Backend", "BACKEND_KINDS", "check_feed", "TorchBackend", "OrtBackend", "TrtBackend",
+__all__ = ["Backend", "BACKEND_KINDS", "check_feed", "TorchBackend", "OrtBackend", "TrtBackend", "GraphedBackend",
            "make_backends", "MissingDependency"]

@@ -9,7 +9,7 @@ Timing rules the chapter follows (and every number in docs/benchmarks.md obeys):
 * Compare with the compute floor: :func:`floor_ms` of the FLOPs an image needs (:func:`image_tflop`,
   15.8 TFLOP at 20 steps) at the GPU's dense fp16 rate.
 
-:func:`bench_pipeline` measures one variant of :mod:`course_lib.pipeline.fastpath` (whole pipeline, per
+:func:`bench_pipeline` measures one variant of :mod:`course_lib.pipeline.speedups` (whole pipeline, per
 stage, error against the fp32 reference); :func:`run_bench` is the CLI's ``bench`` command.
 Chapter 2's homework HW2 (:mod:`course_lib.trt.sweep`) times TensorRT plans with the same primitives.
 """
@@ -154,14 +154,61 @@ def model_errors(reference, model, height: int = 256, width: int = 384, seed: in
     return errors
 
 
+def stage_fns(pipe, height: int = 256, width: int = 384, num_samples: int = 1, seed: int = 0) -> dict:
+    """Chapter 3: zero-argument callables running one stage of ``pipe`` as its process() does, on random
+    inputs: "clip" (both prompts, no cache), "controlnet" and "unet" (one step's calls), "step" (the eps
+    strategy at one timestep), "decoder". With a graphed step, ControlNet and UNet are timed graphed too."""
+    import torch
+
+    from course_lib.backends import GraphedBackend
+    from course_lib.pipeline.canny2image import A_PROMPT, N_PROMPT, control_scales
+    from course_lib.pipeline.eps import Conditioning, GraphedEps
+    from course_lib.pipeline.sampler import make_ddim_schedule, run_controlnet, run_unet, timestep_tensor
+
+    g = torch.Generator().manual_seed(seed)
+    b, h, w, dev = num_samples, height // 8, width // 8, pipe.device
+    x = torch.randn(b, pipe.config.unet.in_channels, h, w, generator=g).to(dev)
+    latent = x * 0.5
+    with torch.inference_mode():
+        cond, uncond = (pipe.backends["clip"].infer({"input_ids": pipe.tokenizer([text] * b).to(dev, torch.int32)})
+                        ["last_hidden_state"].clone() for text in ("a bird, " + A_PROMPT, N_PROMPT))
+        c = Conditioning(cond, uncond, torch.rand(b, 3, height, width, generator=g).to(dev),
+                         tuple(control_scales()), 9.0)
+        prepared = pipe.eps.prepare(pipe.backends, c)
+    controlnet, unet = pipe.eps.step_backends(pipe.backends)
+    if isinstance(pipe.eps, GraphedEps) or isinstance(getattr(pipe.eps, "inner", None), GraphedEps):
+        controlnet, unet = GraphedBackend(controlnet), GraphedBackend(unet)
+    batched = pipe.guidance == "batched"
+    t = timestep_tensor(951, 2 * b if batched else b, dev)
+    branches = ([(torch.cat([x, x]), torch.cat([cond, uncond]), torch.cat([prepared.hint] * 2))] if batched
+                else [(x, cond, prepared.hint), (x, uncond, prepared.hint)])
+    with torch.inference_mode():
+        controls = [run_controlnet(controlnet, x_, t, ctx, hint, c.control_scales) for x_, ctx, hint in branches]
+    eps_fn = pipe.eps.eps_fn(pipe.backends, c, make_ddim_schedule(20))
+    ids = [pipe.tokenizer([text] * b).to(dev, torch.int32) for text in ("a bird, " + A_PROMPT, N_PROMPT)]
+
+    def run(fn):
+        def timed():
+            with torch.inference_mode():
+                return fn()
+        return timed
+    return {
+        "clip": run(lambda: [pipe.backends["clip"].infer({"input_ids": i}) for i in ids]),
+        "controlnet": run(lambda: [run_controlnet(controlnet, x_, t, ctx, hint, c.control_scales)
+                                   for x_, ctx, hint in branches]),
+        "unet": run(lambda: [run_unet(unet, x_, t, ctx, cs) for (x_, ctx, _), cs in zip(branches, controls)]),
+        "step": run(lambda: eps_fn(x, 951)),
+        "decoder": run(lambda: pipe.decode(latent)),
+    }
+
+
 def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, device: str = "cuda",
                    iters: int = 10, warmup: int = 2, steps: int = 20, prompt: str = "a bird", seed: int = 2946901,
                    reference_image: np.ndarray | None = None, stages: bool = True, stage_iters: int = 10,
                    pipes: dict | None = None) -> dict:
-    """Chapter 3: measure one variant (a :class:`course_lib.pipeline.fastpath.Switches` name) end to end.
+    """Chapter 3: measure one variant (a :class:`course_lib.pipeline.speedups.Switches` name) end to end.
 
     ``models``: ``{"fp32": CNSD on device}``; the fp16 copy is made once and kept there (``"fp16"``).
-    "fp32-separate" runs the original ``Canny2Image``; every other variant runs ``FastCanny2Image``.
     ``pipes``: a dict the caller keeps to reuse pipelines (their CUDA graphs, compiled code) between
     variants that differ only in steps or eps reuse (:attr:`Switches.build_key`).
     Returns ``{variant, switches, first_call_ms, total (summarize), stages {name: summarize},
@@ -172,9 +219,8 @@ def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, 
 
     import torch
 
-    from course_lib.pipeline.canny2image import Canny2Image
-    from course_lib.pipeline.fastpath import Switches, global_switches, to_half
-    from course_lib.pipeline.fastpipeline import FastCanny2Image
+    from course_lib.pipeline.eps import ReuseEps
+    from course_lib.pipeline.speedups import Switches, global_switches, make_pipeline, to_half
     from course_lib.score import max_pixel_diff, psnr
 
     switches = Switches.from_name(variant)
@@ -187,28 +233,25 @@ def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, 
     cuda = torch.device(device).type == "cuda"
     timer = (lambda fn, w, n: time_cuda(fn, w, n)) if cuda else (lambda fn, w, n: time_cpu(fn, w, n))
     with global_switches(switches, model):
-        if switches.name == "fp32-separate":
-            pipe = Canny2Image.from_torch(model, tokenizer, device=device, progress=False, time_stages=False)
-        elif pipes is not None and switches.build_key in pipes:
-            pipe = pipes[switches.build_key]
-            pipe.switches = switches
-        else:
-            pipe = FastCanny2Image(model, tokenizer, switches, device)
-            if pipes is not None:
-                pipes[switches.build_key] = pipe
+        pipes = {} if pipes is None else pipes
+        if switches.build_key not in pipes:
+            pipe = make_pipeline(model, tokenizer, switches.build_key, device)
+            pipes[switches.build_key] = (pipe, pipe.eps)
+        pipe, base_eps = pipes[switches.build_key]
+        pipe.eps = ReuseEps(base_eps, switches.reuse_every) if switches.reuse_every else base_eps
         run = lambda: pipe.process(photo, prompt, image_resolution=min(photo.shape[:2]),  # noqa: E731
-                                   ddim_steps=steps, seed=seed)[0]
+                                   ddim_steps=switches.steps or steps, seed=seed)[0]
         start = time.perf_counter()
-        image = run()                                              # first call: captures, compiles
+        image = run()                                 # first call: compiles; graphs warm up and capture the step
         result["first_call_ms"] = (time.perf_counter() - start) * 1e3
-        result["total"] = summarize(timer(run, max(warmup - 1, 0), iters))
-        result["reused_steps"] = getattr(pipe, "last_reused", 0)
+        untimed = max(warmup - 1, 1 if switches.cuda_graph else 0)   # CLIP and decoder capture on the 2nd image
+        result["total"] = summarize(timer(run, untimed, iters))
+        result["reused_steps"] = getattr(pipe.eps, "reused", 0)
         if reference_image is not None:
             result["psnr_vs_fp32"] = psnr(image, reference_image)
             result["max_diff_vs_fp32"] = max_pixel_diff(image, reference_image)
         if stages:
-            fast = pipe if isinstance(pipe, FastCanny2Image) else FastCanny2Image(model, tokenizer, switches, device)
-            fns = fast.stage_fns(photo.shape[0], photo.shape[1])
+            fns = stage_fns(pipe, photo.shape[0], photo.shape[1])
             result["stages"] = {name: summarize(timer(fn, 3, stage_iters)) for name, fn in fns.items()}
     result["_image"] = image
     return result

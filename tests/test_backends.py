@@ -1,4 +1,4 @@
-"""course_lib.backends: the Backend protocol, TorchBackend, OrtBackend, TrtBackend (chapter 2)."""
+"""course_lib.backends: the Backend protocol, TorchBackend, OrtBackend, TrtBackend (chapter 2), GraphedBackend (3)."""
 import sys
 import warnings
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.backends import Backend, OrtBackend, TorchBackend, TrtBackend, check_feed
+from course_lib.backends import Backend, GraphedBackend, OrtBackend, TorchBackend, TrtBackend, check_feed
 from course_lib.onnx.session import default_providers
 from course_lib.cnsd.contract import ModelContract, TensorSpec
 from course_lib.env import MissingDependency, detect, has_module
@@ -88,6 +88,20 @@ def test_torch_backend_output_count_must_match():
     contract = ModelContract("tiny", CONTRACT.inputs, CONTRACT.outputs[:1])
     with pytest.raises(ValueError, match="returned 2 outputs"):
         TorchBackend(Tiny(), contract).infer(feed())
+
+
+def test_graphed_backend_keeps_the_results_and_its_outputs():
+    backend = GraphedBackend(TorchBackend(Tiny(), CONTRACT))
+    assert isinstance(backend, Backend) and backend.input_names == ["x", "timestep"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [backend.infer({**feed(), "x": feed()["x"] + k}) for k in range(3)]
+    if not torch.cuda.is_available():          # CPU tensors: the capture fails once, then eager
+        assert [str(w.message).split(":")[0] for w in caught] == ["tiny graph"] and backend.graph.failed
+    torch.testing.assert_close(outs[0]["y"], expected()[0])
+    assert not torch.equal(outs[0]["y"], outs[1]["y"])                  # kept outputs are copies
+    with pytest.raises(ValueError, match="missing"):
+        backend.infer({"x": feed()["x"]})
 
 
 def test_ort_backend_matches_torch(onnx_path):

@@ -138,13 +138,16 @@ def test_bench_pipeline_on_the_tiny_model():
     fast = bench.bench_pipeline("fp32-batched", models, tok, photo, device="cpu", iters=1, warmup=1, steps=2,
                                 reference_image=base["_image"], stage_iters=1)
     assert fast["max_diff_vs_fp32"] <= 1 and fast["psnr_vs_fp32"] > 40
-    assert set(fast["stages"]) == set(bench.STAGES) and fast["switches"]["cfg"] == "batched"
+    assert set(fast["stages"]) == set(bench.STAGES) and fast["switches"]["guidance"] == "batched"
     pipes: dict = {}
-    for variant in ("fp32-batched", "fp32-batched-steps1"):             # the second reuses the first's pipeline
-        r = bench.bench_pipeline(variant, models, tok, photo, device="cpu", iters=1, warmup=1, steps=2, stages=False,
+    for variant in ("fp32-batched", "fp32-batched-steps1", "fp32-batched-reuse-eps2"):   # one pipeline for all three
+        r = bench.bench_pipeline(variant, models, tok, photo, device="cpu", iters=1, warmup=1, steps=8, stages=False,
                                  pipes=pipes)
         assert r["variant"] == variant
-    assert len(pipes) == 1 and next(iter(pipes.values())).switches.steps == 1
+    assert len(pipes) == 1 and r["reused_steps"] == 2
+    hint_once = bench.bench_pipeline("fp32-separate-hint-once", models, tok, photo, device="cpu", iters=1, warmup=1,
+                                     steps=2, stage_iters=1)
+    assert len(hint_once["stages"]["controlnet"]["raw"]) == 1
     skipped = bench.bench_pipeline("fp16-batched-graph", models, tok, photo, device="cpu")
     assert skipped == {"variant": "fp16-batched-graph", "switches": skipped["switches"], "skipped": "needs a CUDA GPU"}
 

@@ -75,7 +75,7 @@ def test_capture_records_steps_times_calls_with_the_contract_shapes(cnsd, captur
     manifest = json.loads((calib.path / "manifest.json").read_text())
     assert [(r["prompt"], r["seed"], r["image"]) for r in manifest["runs"]] == [("a bird", 1, "image0"),
                                                                                  ("a bird", 2, "image1")]
-    assert manifest["process"] == {"image_resolution": SIZE, "ddim_steps": STEPS} and manifest["cfg"] == "separate"
+    assert manifest["process"] == {"image_resolution": SIZE, "ddim_steps": STEPS} and manifest["guidance"] == "separate"
     assert manifest["step_stride"] == 1
     # the pipeline got its own backends back, and nothing temporary is left next to the folder
     assert pipe.backends["unet"] is spies["unet"] and not any(isinstance(b, RecordingBackend) for b in pipe.backends.values())

@@ -93,6 +93,18 @@ def test_run_torch_and_ort_give_the_same_image(exported, photo_file, tmp_path):
     assert image_t.std() > 1  # not a flat image: the comparison means something
 
 
+def test_run_eps_options(exported, photo_file, tmp_path):
+    folder, code, _ = exported
+    common = ["--config", "tiny", "--image", photo_file, "--resolution", SIZE, "--steps", STEPS]
+    code_b, _, _ = run_main(["run", "--guidance", "batched", "--out", tmp_path / "batched.png", *common])
+    code_r, _, _ = run_main(["run", "--backend", "ort", "--onnx-dir", folder, "--reuse-eps", 2,
+                             "--out", tmp_path / "reuse.png", *common])
+    assert (code_b, code_r) == (0, 0) and read_image(tmp_path / "reuse.png").std() > 1
+    code, _, err = run_main(["run", "--backend", "ort", "--onnx-dir", folder, "--graph-step",
+                             "--out", tmp_path / "x.png", *common])
+    assert code == EXIT_USAGE and "can't capture ONNX Runtime" in error_lines(err)[0]
+
+
 def test_latents_of_ort_follow_torch_step_by_step(exported, photo_file):
     folder, code, _ = exported
     assert code == 0

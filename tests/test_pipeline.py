@@ -8,8 +8,13 @@ import torch
 
 from course_lib.backends import TorchBackend
 from course_lib.cnsd import build_cnsd, contracts, get_config
-from course_lib.pipeline.canny2image import A_PROMPT, N_PROMPT, Canny2Image, StageTimings, control_scales
 from course_lib.cnsd.tokenizer import get_tokenizer
+from course_lib.pipeline.canny2image import A_PROMPT, N_PROMPT, Canny2Image, StageTimings, control_scales
+from course_lib.pipeline.eps import GuidedEps
+from course_lib.pipeline.hint import canny_hint, hwc3, resize_image
+from course_lib.pipeline.sampler import (
+    classifier_free_guidance, make_ddim_schedule, run_controlnet, run_unet, timestep_tensor,
+)
 
 
 
@@ -92,6 +97,27 @@ def test_recorded_latents_and_timings(pipe, photo):
     assert pipe.last_timings.steps == [] and pipe.last_timings.clip == 0 and pipe.last_timings.total > 0
 
 
+def test_the_ddim_loop_by_hand_is_process(pipe, photo):
+    """What chapter 1 shows: the steps, the two eps and the update written out give process()'s image."""
+    out = run(pipe, photo, ddim_steps=4)[0]
+    b, scales = pipe.backends, [1.0] * 13
+    with torch.inference_mode():
+        _, hint = canny_hint(resize_image(hwc3(photo), 64), 100, 200)
+        cond, uncond = (b["clip"].infer({"input_ids": pipe.tokenizer([text])})["last_hidden_state"]
+                        for text in ("a bird, " + A_PROMPT, N_PROMPT))
+        x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2946901))
+        schedule = make_ddim_schedule(4)
+        for index in reversed(range(len(schedule))):                     # timesteps 751, 501, 251, 1
+            t = timestep_tensor(schedule.timesteps[index], 1, "cpu")
+            eps_c = run_unet(b["unet"], x, t, cond, run_controlnet(b["controlnet"], x, t, cond, hint, scales))
+            eps_u = run_unet(b["unet"], x, t, uncond, run_controlnet(b["controlnet"], x, t, uncond, hint, scales))
+            eps = classifier_free_guidance(eps_c, eps_u, 9.0)
+            s = schedule                                                  # sqrt(1 - ā_t), sqrt(ā_t), ...
+            pred_x0 = (x - s.sqrt_one_minus_alphas[index] * eps) / s.sqrt_alphas[index]
+            x = s.sqrt_alphas_prev[index] * pred_x0 + s.dir_coefs[index] * eps   # dir_coefs: sqrt(1 - ā_prev)
+        assert np.array_equal(pipe.decode(x)[0], out)
+
+
 def test_given_x_T_reproduces_the_seed(pipe, photo):
     x_T = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
     assert np.array_equal(run(pipe, photo, seed=7)[0], run(pipe, photo, seed=123, x_T=x_T)[0])
@@ -116,9 +142,9 @@ def counted_pipe(pipe, **kwargs):
     return Canny2Image(backends, pipe.tokenizer, pipe.config, progress=False, **kwargs), backends
 
 
-def test_batched_cfg_matches_separate(pipe, photo):
+def test_batched_guidance_matches_separate(pipe, photo):
     separate, counts_s = counted_pipe(pipe, record_latents=True)
-    batched, counts_b = counted_pipe(pipe, cfg="batched", record_latents=True)
+    batched, counts_b = counted_pipe(pipe, eps=GuidedEps("batched"), record_latents=True)
     out_s, out_b = run(separate, photo, ddim_steps=4), run(batched, photo, ddim_steps=4)
     assert (counts_s["controlnet"].calls, counts_s["unet"].calls) == (8, 8)     # 2 per step, like the original
     assert (counts_b["controlnet"].calls, counts_b["unet"].calls) == (4, 4)     # cond + uncond as batch 2

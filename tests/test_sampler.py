@@ -124,17 +124,17 @@ def make_models():
 
 
 @pytest.mark.parametrize("guess_mode", [False, True])
-def test_separate_and_batched_cfg_agree(guess_mode):
+def test_separate_and_batched_guidance_agree(guess_mode):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 4, 4, generator=g)
     cond, uncond = torch.randn(2, 77, 8, generator=g), torch.randn(2, 77, 8, generator=g)
     hint = torch.rand(2, 3, 32, 32, generator=g)
     scales = [0.5 + 0.1 * i for i in range(13)]
     results = {}
-    for cfg in ("separate", "batched"):
+    for guidance in ("separate", "batched"):
         cn, un = make_models()
-        results[cfg] = guided_eps(cn, un, x, 951, cond, uncond, hint, scales, 9.0, cfg=cfg, guess_mode=guess_mode)
-        if cfg == "separate":
+        results[guidance] = guided_eps(cn, un, x, 951, cond, uncond, hint, scales, 9.0, guidance, guess_mode=guess_mode)
+        if guidance == "separate":
             assert cn.batches == ([2] if guess_mode else [2, 2]) and un.batches == [2, 2]
         else:
             assert cn.batches == ([2] if guess_mode else [4]) and un.batches == [4]
@@ -150,11 +150,11 @@ def test_separate_and_batched_cfg_agree(guess_mode):
         torch.testing.assert_close(results["separate"], classifier_free_guidance(eps[0], eps[1], 9.0))
 
 
-def test_scale_one_runs_the_cond_branch_only_and_bad_cfg():
+def test_scale_one_runs_the_cond_branch_only_and_bad_guidance():
     cn, un = make_models()
     x = torch.ones(1, 4, 4, 4)
     ctx, hint = torch.zeros(1, 77, 8), torch.ones(1, 3, 32, 32)
     guided_eps(cn, un, x, 1, ctx, ctx, hint, [1.0] * 13, 1.0)
     assert cn.batches == [1] and un.batches == [1]
-    with pytest.raises(ValueError, match="cfg"):
-        guided_eps(cn, un, x, 1, ctx, ctx, hint, [1.0] * 13, 9.0, cfg="fused")
+    with pytest.raises(ValueError, match="guidance 'fused'"):
+        guided_eps(cn, un, x, 1, ctx, ctx, hint, [1.0] * 13, 9.0, guidance="fused")

@@ -5,7 +5,7 @@
         --steps 2 --curve-steps 1 --reuse "" --variants fp32-separate,fp32-batched --skip-errors   # CPU smoke test
 
 One process: build the model, measure the compute ceiling (a large fp16 matmul), compare each
-sub-model in fp16 with fp32, then run the variants of course_lib.pipeline.fastpath (whole pipeline with CUDA
+sub-model in fp16 with fp32, then run the variants of course_lib.pipeline.speedups (whole pipeline with CUDA
 events, warm-up, median and spread over N images; per-stage times; PSNR against the fp32 image),
 torch.compile variants last and only if the time budget allows, then the fewer-steps and eps-reuse
 curve on the last variant (reusing its pipeline: no new graph capture or compile). Writes, atomically:
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from course_lib import bench, files, timing  # noqa: E402
-from course_lib.pipeline.fastpath import LADDER, Switches, to_half  # noqa: E402
+from course_lib.pipeline.speedups import LADDER, Switches, to_half  # noqa: E402
 
 
 

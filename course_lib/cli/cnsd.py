@@ -73,16 +73,18 @@ def cmd_run(args) -> int:
     from course_lib.backends import make_backends
     from course_lib.cnsd import get_config
     from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.pipeline.speedups import Switches, eps_strategy
     from course_lib.samples import read_image, sample_photo, write_image
 
     photo = read_image(args.image) if args.image else sample_photo()      # bad input first, before any model
+    eps = eps_strategy(Switches(guidance=args.guidance, cuda_graph=args.graph_step, reuse_every=args.reuse_eps))
     config = get_config(args.config)
     tokenizer = make_tokenizer(args.config, args.vocab)
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
     model = load_model(args.config, args.checkpoint, args.seed_weights).to(device) if args.backend == "torch" else None
     use_tensorrt(args)
     backends = make_backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
-    pipe = Canny2Image(backends, tokenizer, config, device=device, cfg=args.cfg)
+    pipe = Canny2Image(backends, tokenizer, config, device=device, eps=eps)
     image = pipe.process(photo, args.prompt, image_resolution=args.resolution, ddim_steps=args.steps, seed=args.seed)[0]
     write_image(args.out, image)
     say(f"{args.backend}: {pipe.last_timings.total:.0f} ms -> {args.out}")
@@ -175,16 +177,21 @@ def add_commands(sub) -> None:
     r.add_argument("--steps", type=int, default=20)
     r.add_argument("--resolution", type=int, default=256)
     r.add_argument("--seed", type=int, default=2946901)
-    r.add_argument("--cfg", choices=["separate", "batched"], default="separate")
-    r.add_argument("--cuda-graph", action="store_true", help="replay CUDA graphs (--backend trt)")
+    r.add_argument("--guidance", choices=["separate", "batched"], default="separate",
+                   help="cond and uncond as two calls of each model (the original) or one batch of 2")
+    r.add_argument("--cuda-graph", action="store_true", help="replay a CUDA graph per engine (--backend trt)")
+    r.add_argument("--graph-step", action="store_true",
+                   help="replay each DDIM step from one CUDA graph (torch on cuda, or trt without --cuda-graph)")
+    r.add_argument("--reuse-eps", type=int, default=0, metavar="N",
+                   help="reuse the previous step's eps on every N-th step (0: off; changes the image)")
     r.add_argument("--device", help="cpu or cuda (default: cuda for trt, else cpu)")
     add_tensorrt_option(r)
 
     n = sub.add_parser("bench", help="time one canny2image variant (chapter 3), e.g. fp16-batched-graph-sdpa")
     n.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
     n.add_argument("--variant", default="fp32-separate",
-                   help="switches joined by '-': fp32|fp16, separate|batched, graph, sdpa, hint-once, compile, "
-                        "reuse-epsN, stepsN, cache-text")
+                   help="switches joined by '-': fp32|fp16, separate|batched (guidance), graph, sdpa, hint-once, "
+                        "compile, reuse-epsN, stepsN, cache-text")
     n.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     n.add_argument("--iters", type=int, default=5)
     n.add_argument("--warmup", type=int, default=1)

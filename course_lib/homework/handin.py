@@ -70,7 +70,7 @@ def write_hw1_evidence(model, work: str | Path = "homework", *, height: int = 64
         if missing:
             raise FileNotFoundError(f"{Path(plan_dir) / (missing[0] + '.plan.json')} is missing: build the plans "
                                     f"from {folder / 'onnx'} with build_plans (chapter 2) first")
-    run = {"prompt": prompt, **settings, "cfg": "separate", "height": int(photo.shape[0]), "width": int(photo.shape[1]),
+    run = {"prompt": prompt, **settings, "guidance": "separate", "height": int(photo.shape[0]), "width": int(photo.shape[1]),
            "tokenizer": "byte-level" if getattr(tokenizer, "byte_level", False) else "clip"}
     keep_trt = plan_dir is None and _trt_evidence_still_belongs(folder, run, photo)     # before images are replaced
     torch_device = next(model.parameters()).device
@@ -118,7 +118,10 @@ def _trt_evidence_still_belongs(folder: Path, run: dict, photo) -> bool:
         if not (isinstance(side, dict) and onnx.is_file() and side.get("onnx_sha256") == sha256_file(onnx)
                 and side.get("tensorrt") == tensorrt and side.get("gpu") == gpu):
             return False
-    if read_json(folder / "run.json") != run or not (folder / "images" / "canny2image_trt.png").is_file():
+    old_run = read_json(folder / "run.json")
+    if isinstance(old_run, dict) and "cfg" in old_run and "guidance" not in old_run:    # written before the rename
+        old_run["guidance"] = old_run.pop("cfg")
+    if old_run != run or not (folder / "images" / "canny2image_trt.png").is_file():
         return False
     try:
         return np.array_equal(read_image(folder / "images" / "input.png"), np.asarray(photo))

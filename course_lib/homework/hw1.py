@@ -100,6 +100,7 @@ def images_agree(ev: Evidence) -> Verdict:
 def image_rerun(ev: Evidence) -> Verdict:
     """HW1: canny2image on the reference model, with run.json's settings and input, gives the torch image."""
     from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.pipeline.eps import GuidedEps
     from course_lib.cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
     run = ev.json("run.json")
     settings = {k: run[k] for k in ("image_resolution", "ddim_steps", "seed", "scale", "strength", "eta",
@@ -109,8 +110,9 @@ def image_rerun(ev: Evidence) -> Verdict:
         tokenizer = byte_level_tokenizer() if run.get("tokenizer") == "byte-level" else get_tokenizer()
     except FileNotFoundError as e:
         raise NotRecheckable(f"no CLIP vocabulary on this machine ({e})") from None
+    guidance = run.get("guidance", run.get("cfg", "separate"))           # older hand-ins wrote "cfg"
     pipe = Canny2Image.from_torch(reference, tokenizer, device=next(reference.parameters()).device, progress=False,
-                                  time_stages=False, cfg=run.get("cfg", "separate"))
+                                  time_stages=False, eps=GuidedEps(guidance))
     image = pipe.process(_image(ev, "images/input.png"), run.get("prompt", "a bird"), **settings)[0]
     return _agree(image, _image(ev, "images/canny2image_torch.png"), IMAGE_MIN_PSNR,
                   f"re-run ({settings.get('ddim_steps', 20)} steps) vs the handed-in torch image")

@@ -6,9 +6,9 @@ Chapter 1 introduces it. Three pieces, top to bottom:
    (20 of them: 1, 51, ..., 951) and :class:`DDIMSchedule`, which precomputes every per-step constant
    once and does one DDIM update in :meth:`DDIMSchedule.step`;
 2. the model call -- :func:`guided_eps`: ControlNet -> scaled controls -> UNet for the prompt (cond) and
-   the negative prompt (uncond), then ``eps = u + scale * (c - u)``. ``cfg="separate"`` makes two calls
-   of each model per step like the original (40 ControlNet + 40 UNet runs per image at 20 steps);
-   ``cfg="batched"`` stacks cond and uncond into batch 2, one call each (chapter 3 measures the gain);
+   the negative prompt (uncond), then ``eps = u + scale * (c - u)``. ``guidance="separate"`` makes two
+   calls of each model per step like the original (40 ControlNet + 40 UNet runs per image at 20 steps);
+   ``guidance="batched"`` stacks cond and uncond into batch 2, one call each (chapter 3);
 3. the loop -- :func:`ddim_sample` walks the timesteps from 951 down to 1.
 
 The numbers follow ControlNet 1.0 (``ldm/models/diffusion/ddpm.py`` register_schedule,
@@ -30,7 +30,7 @@ from course_lib.cnsd.contract import CONTROL_NAMES
 NUM_TRAIN_STEPS = 1000    # DDPM timesteps the model was trained with
 LINEAR_START = 0.00085    # cldm_v15.yaml linear_start
 LINEAR_END = 0.012        # cldm_v15.yaml linear_end
-CFG_MODES = ("separate", "batched")
+GUIDANCE_MODES = ("separate", "batched")   # cond and uncond: two calls, or one of batch 2
 
 # ------------------------------------------------------------------------------------------- schedule
 
@@ -151,29 +151,23 @@ def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, s
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def guided_eps(controlnet, unet, x: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor,
-               hint: torch.Tensor, control_scales: Sequence[float], scale: float,
-               cfg: str = "separate", guess_mode: bool = False) -> torch.Tensor:
-    """Chapter 1: the guided noise prediction for one step (``cfg="batched"``: chapter 3).
+def guided_eps(controlnet, unet, x: torch.Tensor, timestep: int | torch.Tensor, cond: torch.Tensor,
+               uncond: torch.Tensor, hint: torch.Tensor, control_scales: Sequence[float], scale: float,
+               guidance: str = "separate", guess_mode: bool = False) -> torch.Tensor:
+    """Chapter 1: the guided noise prediction of one DDIM step, float32 (B, 4, h, w).
 
-    Args:
-        controlnet, unet: backends (``.infer(feed) -> dict``) following the course's contract.
-        x: latent (B, 4, h, w) float32; timestep: the DDPM timestep (int); cond / uncond: CLIP
-            contexts (B, 77, C); hint: (B, 3, H, W) in [0, 1]; control_scales: 13 floats.
-        scale: guidance scale (9 in the course); 1 runs the cond branch only, as the original.
-        cfg: ``"separate"`` -- cond and uncond as two calls of each model (the original);
-            ``"batched"`` -- one call of each with cond and uncond stacked into batch 2B.
-        guess_mode: the uncond branch gets no control (zeros, which is what ``control=None`` adds).
-
-    Returns eps, float32 (B, 4, h, w).
+    ``controlnet``/``unet`` are backends; ``timestep`` an int or an int32 (B,) tensor; cond/uncond the
+    CLIP contexts (B, 77, C); ``hint`` (B, ...) what the ControlNet takes. ``scale == 1`` runs the cond
+    branch only, as the original. ``guidance``: "separate" (two calls of each model, the original) or
+    "batched" (one call of batch 2B). ``guess_mode``: the uncond branch gets no control (zeros).
     """
-    if cfg not in CFG_MODES:
-        raise ValueError(f"cfg {cfg!r}: expected one of {CFG_MODES}")
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"guidance {guidance!r}: expected one of {GUIDANCE_MODES}")
     b = x.shape[0]
-    t = timestep_tensor(timestep, b, x.device)
+    t = timestep if isinstance(timestep, torch.Tensor) else timestep_tensor(timestep, b, x.device)
     if scale == 1.0:
         return run_unet(unet, x, t, cond, run_controlnet(controlnet, x, t, cond, hint, control_scales))
-    if cfg == "separate":
+    if guidance == "separate":
         controls_c = run_controlnet(controlnet, x, t, cond, hint, control_scales)
         eps_c = run_unet(unet, x, t, cond, controls_c)
         controls_u = ({k: torch.zeros_like(v) for k, v in controls_c.items()} if guess_mode

@@ -9,7 +9,7 @@ only as good as the inputs they were measured on. The course recorded them from 
    :class:`~course_lib.pipeline.canny2image.Canny2Image` for the duration of some ``process()`` calls.
 2. Every call becomes one ``.npz`` (keys = the contract's input names) and one manifest entry saying
    which run (image, prompt, seed), which DDIM step (and timestep) and which call of that step it was
-   (with ``cfg="separate"``: call 0 is the prompt, call 1 the negative prompt)::
+   (with ``guidance="separate"``: call 0 is the prompt, call 1 the negative prompt)::
 
        calib_data/manifest.json            runs, per-model input shapes, one entry per sample
        calib_data/controlnet/000000.npz    x_noisy, hint, timestep, context
@@ -181,7 +181,7 @@ def capture_calibration(pipe, images: Sequence, prompts: Sequence[str], out_dir:
     unknown = [m for m in models if m not in pipe.backends]
     if unknown:
         raise ValueError(f"models {unknown}: expected some of the pipeline's {list(pipe.backends)}")
-    info = {"created_by": "course_lib.precision.calibration.capture_calibration", "cfg": pipe.cfg,
+    info = {"created_by": "course_lib.precision.calibration.capture_calibration", "guidance": pipe.guidance,
             "process": {k: v for k, v in process_kwargs.items() if isinstance(v, (int, float, str, bool))}}
     info["step_stride"] = step_stride
     writer = CalibrationWriter(out_dir, overwrite=overwrite, info=info, step_stride=step_stride)

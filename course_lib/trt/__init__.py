@@ -8,8 +8,9 @@
 * :mod:`.build`     ONNX -> plan (``build_engine_plan``, ``build_plans``) and the TRT 8 -> 10 table
 * :mod:`.engine`    ``Engine``: load, activate, allocate buffers by name, infer
 * :mod:`.runtime_config` the engine's runtime config: TensorRT for RTX's JIT-kernel cache and CUDA graphs
-* :mod:`.cudagraph` CUDA graph capture / replay (chapter 3)
 * :mod:`.sweep`     homework 2's sweep over optimization levels and CUDA graphs
+
+CUDA graphs (the course's capture, for torch functions and engines alike) live in :mod:`course_lib.cudagraph`.
 
 Importing this package never imports TensorRT; the functions that need it call
 :func:`require_tensorrt`, which raises ``MissingDependency`` with one sentence (naming both
@@ -31,7 +32,6 @@ def tensorrt_version(tensorrt: str | None = None) -> str | None:
 
 
 from course_lib.trt.build import TRT8_TO_TRT10, build_engine_plan, build_plans, migration_table  # noqa: E402
-from course_lib.trt.cudagraph import CudaGraphRunner, GraphAction, GraphPolicy, GraphState, TorchGraphed  # noqa: E402
 from course_lib.trt.engine import Engine, check_feed, shared_device_memory, torch_dtype  # noqa: E402
 from course_lib.trt.flavour import FeatureMissing, has_feature, require_feature  # noqa: E402
 from course_lib.trt.network import NetworkSummary, inspect_onnx, layer_census  # noqa: E402
@@ -44,7 +44,6 @@ __all__ = [
     "require_tensorrt", "tensorrt_version", "FeatureMissing", "has_feature", "require_feature",
     "NetworkSummary", "inspect_onnx", "layer_census",
     "TRT8_TO_TRT10", "build_engine_plan", "build_plans", "migration_table",
-    "CudaGraphRunner", "GraphAction", "GraphPolicy", "GraphState", "TorchGraphed",
     "Engine", "check_feed", "shared_device_memory", "torch_dtype",
     "PlanSidecar", "check_sidecar", "read_sidecar", "sidecar_path", "write_sidecar",
     "check_profile", "dims_from_contract", "dynamic_profile", "onnx_input_dims", "profile_table",

@@ -7,7 +7,7 @@ tensors, so the pipeline hands them around without copies.
 
     engine = Engine("plans/unet.plan").load().activate()
     engine.allocate_buffers()                       # static plan: shapes come from the plan
-    out = engine.infer(feed)                        # {name: tensor}; chapter 3: use_cuda_graph=True
+    out = engine.infer(feed)                        # {name: tensor}; use_cuda_graph=True: §3.4
 
 Both TensorRT flavours (:mod:`.flavour`). ``load()`` checks the plan's sidecar first (flavour,
 version, GPU: one line saying which differs), before TensorRT deserializes anything. With TensorRT
@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from course_lib.trt.cudagraph import CudaGraphRunner, GraphAction
+from course_lib.cudagraph import CudaGraph
+from course_lib.trt.runtime_config import check_capturable
 
 # TensorRT DataType member name -> torch dtype (looked up by name: no TensorRT needed)
 TRT_TO_TORCH = {
@@ -102,21 +103,17 @@ class Engine:
         self.tensorrt = tensorrt
         self.runtime_cache = runtime_cache
         self.tensorrt_graphs = tensorrt_graphs
-        self.trt = None
-        self.engine = None
-        self.context = None
+        self.trt = self.engine = self.context = None
         self.cache_file = None            # RuntimeCacheFile (TensorRT for RTX)
         self._runtime_config = None       # kept alive as long as the context
-        self._cache_saved_for = None
         self.tensors: dict[str, torch.Tensor] = {}
-        self.graph = CudaGraphRunner(self.plan_path.name)
-        self.last_action: GraphAction | None = None
+        self.graph = CudaGraph(self._execute, self.plan_path.name, copy_inputs=False)
+        self.last_action: str | None = None        # "eager", or the graph's "warm-up" / "capture" / "replay"
         self._shared_memory: torch.Tensor | None = None
 
     def load(self) -> "Engine":
         """Check the plan's sidecar against this process and GPU, then deserialize the plan."""
-        from course_lib.trt.flavour import require_tensorrt
-        from course_lib.trt.flavour import engine_validity, flavour_of, label
+        from course_lib.trt.flavour import engine_validity, flavour_of, label, require_tensorrt
         from course_lib.trt.logger import get_logger
         from course_lib.trt.plan import check_sidecar, read_sidecar, rebuild_command, this_gpu
 
@@ -192,7 +189,7 @@ class Engine:
             else:
                 self.context.device_memory = shared_device_memory.data_ptr()
             self._shared_memory = shared_device_memory  # keep it alive as long as the context
-        self.graph.policy.reset()
+        self.graph.reset()                          # graphs recorded the old context's launches
         return self
 
     def save_runtime_cache(self) -> Path | None:
@@ -251,6 +248,7 @@ class Engine:
             shape = tuple(self.context.get_tensor_shape(name))
             tensors[name] = torch.empty(shape, dtype=torch_dtype(self.engine.get_tensor_dtype(name)), device=device)
         self.tensors = tensors
+        self.graph.reset()
         return tensors
 
     def info(self) -> str:
@@ -277,7 +275,8 @@ class Engine:
         when they change; a static plan raises ValueError for other shapes). The returned tensors are the
         engine's own output buffers, overwritten by the next call (``.clone()`` what you keep), and
         ready on ``stream`` (a ``torch.cuda.Stream``, a raw handle, or None for the current stream).
-        Chapter 3: ``use_cuda_graph=True`` warms up, captures, then replays (see ``cudagraph``); an
+        ``use_cuda_graph=True`` (chapter 2 §3.4): warm up, capture, replay, keyed by the buffers' shapes
+        and addresses (:class:`course_lib.cudagraph.CudaGraph`); ``last_action`` says which happened. An
         Engine made with ``tensorrt_graphs=True`` leaves that to TensorRT for RTX (one capture at a time).
         """
         if use_cuda_graph and self.tensorrt_graphs:
@@ -300,25 +299,26 @@ class Engine:
         stream = _as_torch_stream(stream)
         if stream != torch.cuda.current_stream():
             stream.wait_stream(torch.cuda.current_stream())
+        for name, tensor in self.tensors.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        if use_cuda_graph:
+            check_capturable(self.context, stream.cuda_stream, self.plan_path.name)
         with torch.cuda.stream(stream):
             for name in inputs:
                 self.tensors[name].copy_(feed[name], non_blocking=True)
-        for name, tensor in self.tensors.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        key = tuple((name, tuple(t.shape), t.data_ptr()) for name, t in self.tensors.items())
-        if use_cuda_graph and hasattr(self.context, "is_stream_capturable") \
-                and not self.context.is_stream_capturable(stream.cuda_stream):
-            raise ValueError(f"{self.plan_path.name}: this execution context cannot be stream-captured (a TensorRT for "
-                             f"RTX plan needs build_engine_plan(..., user_allocation=True)): rebuild it so, or use "
-                             f"Engine(..., tensorrt_graphs=True), TensorRT for RTX's own CUDA graphs")
-        self.last_action = self.graph.run(self._enqueue, key, stream, use_cuda_graph)
-        if self.cache_file is not None and self._cache_saved_for != key:   # new shapes: new JIT kernels
-            self.cache_file.save()
-            self._cache_saved_for = key
+            if use_cuda_graph:
+                self.graph(*self.tensors.values())            # the buffers: their addresses are the key
+                self.last_action = self.graph.last_action
+            else:
+                self._execute()
+                self.last_action = "eager"
+        if self.cache_file is not None:                       # new shapes: new JIT kernels to keep
+            self.cache_file.save_once_for(tuple((n, tuple(t.shape)) for n, t in self.tensors.items()))
         return {name: self.tensors[name] for name in self.output_names}
 
-    def _enqueue(self, stream_handle: int) -> None:
-        if not self.context.execute_async_v3(stream_handle):
+    def _execute(self, *buffers: torch.Tensor) -> None:
+        """Launch the plan on torch's current stream (``buffers``: only the graph's key; they are bound)."""
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"TensorRT inference of {self.plan_path.name} failed (execute_async_v3 returned False)")
 
 

@@ -45,6 +45,7 @@ class RuntimeCacheFile:
         self.path = Path(path)
         self.cache = runtime_config.create_runtime_cache()
         self.loaded = False
+        self.saved_for: tuple | None = None
         if self.path.is_file():
             self.loaded = bool(self.cache.deserialize(self.path.read_bytes()))
             if not self.loaded:
@@ -56,6 +57,21 @@ class RuntimeCacheFile:
     def save(self) -> Path:
         """Write the cache (every kernel compiled so far) to :attr:`path`, atomically; returns the path."""
         return atomic_write_bytes(self.path, self.cache.serialize())
+
+    def save_once_for(self, shapes: tuple) -> Path | None:
+        """:meth:`save` after the first inference with these ``shapes`` (when new kernels were compiled)."""
+        if shapes == self.saved_for:
+            return None
+        self.saved_for = shapes
+        return self.save()
+
+
+def check_capturable(context, stream_handle: int, name: str) -> None:
+    """Raise ValueError when ``context`` (TensorRT for RTX) says it cannot be captured on that stream."""
+    if hasattr(context, "is_stream_capturable") and not context.is_stream_capturable(stream_handle):
+        raise ValueError(f"{name}: this execution context cannot be stream-captured (a TensorRT for RTX plan "
+                         f"needs build_engine_plan(..., user_allocation=True)): rebuild it so, or use "
+                         f"Engine(..., tensorrt_graphs=True), TensorRT for RTX's own CUDA graphs")
 
 
 def make_runtime_config(trt, engine, allocation_strategy=None, cache_path: str | Path | None = None,

@@ -123,6 +123,38 @@ print("image", image_torch.shape, image_torch.dtype, "| DDIM latents recorded:",
 print(pipe_torch.last_timings.summary())   # milliseconds per stage on this machine
 
 # %% [markdown]
+# ### Inside `process()`: the DDIM loop
+#
+# `process()` is five numbered steps: hint, text, noise, DDIM, decode. Step 4 is the heart of it:
+# 20 DDIM steps from timestep 951 down to 1. At each step ControlNet and the UNet run twice, once with
+# the prompt (`cond`) and once with the negative prompt (`uncond`). Classifier-free guidance mixes the two
+# noise predictions, `eps = u + 9·(c − u)`. The DDIM update then predicts the clean latent `x0` and moves
+# `x` towards it. Written out over the pipeline's own backends, the loop gives `process()`'s image
+# bit for bit:
+
+# %%
+from course_lib.pipeline.canny2image import A_PROMPT, N_PROMPT
+from course_lib.pipeline.hint import hwc3, resize_image
+from course_lib.pipeline.sampler import classifier_free_guidance, make_ddim_schedule, run_controlnet, run_unet, timestep_tensor
+
+b, scales = pipe_torch.backends, [1.0] * 13                                # strength 1: every control scale is 1
+with torch.inference_mode():
+    _, hint_small = canny_hint(resize_image(hwc3(photo_small), 128), 100, 200)          # 1. hint (1, 3, 128, 192)
+    cond = b["clip"].infer({"input_ids": tokenizer(["a bird, " + A_PROMPT])})["last_hidden_state"]   # 2. text
+    uncond = b["clip"].infer({"input_ids": tokenizer([N_PROMPT])})["last_hidden_state"]
+    x = torch.randn((1, 4, 16, 24), generator=torch.Generator().manual_seed(2946901))   # 3. x_T from the seed
+    s = make_ddim_schedule(20)
+    for i in reversed(range(20)):                                          # 4. timesteps 951, 901, ..., 1
+        t = timestep_tensor(s.timesteps[i], 1, "cpu")
+        eps_c = run_unet(b["unet"], x, t, cond, run_controlnet(b["controlnet"], x, t, cond, hint_small, scales))
+        eps_u = run_unet(b["unet"], x, t, uncond, run_controlnet(b["controlnet"], x, t, uncond, hint_small, scales))
+        eps = classifier_free_guidance(eps_c, eps_u, 9.0)                  # u + 9 (c - u)
+        pred_x0 = (x - s.sqrt_one_minus_alphas[i] * eps) / s.sqrt_alphas[i]    # the clean latent it predicts
+        x = s.sqrt_alphas_prev[i] * pred_x0 + s.dir_coefs[i] * eps          # eta 0: dir_coefs = sqrt(1 - ā_prev)
+    image_by_hand = pipe_torch.decode(x)[0]                                # 5. decode
+print("20 steps, 40 ControlNet + 40 UNet calls: the same image as process():", bool((image_by_hand == image_torch).all()))
+
+# %% [markdown]
 # ## 3. Export to ONNX
 #
 # `export_cnsd` exports each sub-model through `torch.onnx.export` (TorchScript exporter, opset 18)
@@ -303,5 +335,6 @@ for name, (ins, outs) in expected_io.items():
     assert [i.name for i in graph.input] == ins and [o.name for o in graph.output] == outs, name
 assert table.passed and worst < 1e-4
 assert max_pixel_diff(image_torch, image_ort) <= 2 and latent_err < 1e-3
+assert (image_by_hand == image_torch).all()
 assert dry_run.passed
 print("chapter 1 self-check passed")

@@ -7,7 +7,7 @@
 # 1. the pipeline on ONNX Runtime against PyTorch, **step by step** through DDIM;
 # 2. the **Backend** interface: one `infer(feed)` for PyTorch, ONNX Runtime and TensorRT, mixed at will;
 # 3. TensorRT's ideas that need no GPU: the TensorRT 8 → 10/11 API, **optimisation profiles**, the
-#    plan's **sidecar**, and the **CUDA-graph** state machine;
+#    plan's **sidecar**, and the **CUDA-graph** rule (warm up, capture, replay);
 # 4. the course **score**: PD, latency, and how they combine;
 # 5. **TensorRT or TensorRT for RTX**: the two flavours of TensorRT, and which one your GPU wants;
 # 6. **build** the four plans — on any CPU with TensorRT for RTX: the parsed network, profiles, memory
@@ -268,40 +268,51 @@ for version, gpu, cc, flavour in (("1.7.1.116", "NVIDIA H100 80GB HBM3", (9, 0),
         print("ValueError:", e)
 
 # %% [markdown]
-# ### 3.4 CUDA graphs: a small state machine
+# ### 3.4 CUDA graphs: warm up, capture, replay
 #
-# A CUDA graph records one inference's kernel launches and replays them with one call — no Python, no
-# launch overhead per kernel. But it replays the *same* kernels on the *same* addresses, so it is
-# only valid while the input shapes and buffer addresses stay as they were at capture; and TensorRT
-# wants one ordinary run before a capture. `Engine.infer(..., use_cuda_graph=True)` keys each call by
-# `(name, shape, address)` of every tensor and asks `GraphPolicy` what to do. The policy is plain
-# Python, so we can walk through it here: `A` is one set of shapes and addresses, `B` another (say,
-# batch 2 for chapter 3's batched CFG).
+# A CUDA graph records one call's kernel launches and replays them with a single launch: no Python and
+# no per-kernel launch overhead. But it replays the *same* kernels on the *same* addresses. The rule
+# that follows, for a torch function and a TensorRT engine alike:
+#
+# 1. **key** each call by its inputs' shapes and dtypes (an engine's graph reads the engine's own
+#    buffers, so for an engine the buffers' addresses are part of the key too);
+# 2. the first call with a key runs **eagerly**: a warm-up, because TensorRT and cuDNN set things up
+#    lazily on a first run;
+# 3. the next call **captures** into a `torch.cuda.CUDAGraph` and replays it. Later calls copy their
+#    inputs into the captured buffers and **replay**. A new key (another batch, another image size)
+#    gets its own warm-up and capture;
+# 4. if a capture **fails**, warn once and run eagerly from then on: same results, no speed-up.
+#
+# `course_lib.cudagraph.CudaGraph` is that rule. `Engine.infer(feed, use_cuda_graph=True)` gives it the
+# engine's launch, `execute_async_v3`, which torch captures like any kernel on its stream. Here it wraps
+# a torch function. The tensors are on the CPU, which has no graphs, so the capture fails and we see the
+# fallback. Section 7 shows a real capture on a GPU.
 
 # %%
-from course_lib.trt import GraphAction, GraphPolicy
+import warnings
 
-policy = GraphPolicy()
-calls = [("A", True, "first call"), ("A", True, ""), ("A", True, ""), ("B", True, "new shapes"), ("B", True, ""),
-         ("B", True, ""), ("A", True, "shapes back"), ("A", False, "graphs off"),
-         ("A", True, "capture fails"), ("A", True, "")]
-print(f"{'call':<5}{'key':<4}{'graph?':<8}{'action':<24}{'state after':<20}note")
-for i, (key, use_graph, note) in enumerate(calls, 1):
-    action = policy.decide(key, use_graph)
-    if note == "capture fails" and action in (GraphAction.CAPTURE, GraphAction.RECAPTURE):
-        action = GraphAction.FALLBACK
-        policy.capture_failed("out of memory during capture")     # what CudaGraphRunner reports
-    elif action in (GraphAction.EAGER, GraphAction.FALLBACK):
-        policy.ran_eagerly(key)
-    elif action in (GraphAction.CAPTURE, GraphAction.RECAPTURE):
-        policy.captured(key)
-    print(f"{i:<5}{key:<4}{str(use_graph):<8}{action.value:<24}{policy.state.value:<20}{note}")
+from course_lib.cudagraph import CudaGraph, graph_key
+
+
+def step(x, scale):                          # a function of tensors (and constants) that only launches work
+    return torch.sin(x) * scale
+
+
+graph = CudaGraph(step, "step")
+print("key of step(x, 2.0):", graph_key([torch.zeros(2, 4), 2.0]))
+actions, same = [], []
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for k in range(4):
+        x = torch.full((2, 4), float(k))
+        same.append(torch.equal(graph(x, 2.0), step(x, 2.0)))
+        actions.append(graph.last_action)
+print("calls:", ", ".join(actions), "| warnings:", len(caught), "| results as step() itself:", all(same))
+print("why:", graph.failed)
 
 # %% [markdown]
-# Read it row by row: the first call with `A` is the warm-up (eager), the second captures, every later
-# one replays. New shapes (`B`) need a warm-up and a **re-capture**; going back to `A` needs another
-# warm-up, since the graph now holds `B`. A failed capture is not fatal: the engine warns once and runs
-# eagerly from then on (**fallback**) — same results, no speed-up.
+# Each row of the rule shows up: the first call is the warm-up, the second tries to capture, fails
+# (CPU tensors), warns once, and every call from then on runs eagerly with the same results.
 #
 # ## 4. Scoring
 #
@@ -621,6 +632,22 @@ for ax, img, title in zip(axes, (images["torch"], images["trt"]), ("PyTorch (CPU
 plt.show()
 
 # %% [markdown]
+# **§3.4's rule on a GPU.** The same `step` on CUDA tensors: the first call warms up, the second
+# captures, and the later ones replay with new inputs. A replay returns the graph's own output buffer,
+# so compare before the next call.
+
+# %% tags=["requires-gpu"]
+if not torch.cuda.is_available():
+    print("needs a CUDA GPU: skipped")
+else:
+    gpu_graph, gpu_actions, gpu_same = CudaGraph(step, "step on the GPU"), [], []
+    for k in range(4):
+        x = torch.randn(2, 4, device="cuda")
+        gpu_same.append(torch.allclose(gpu_graph(x, 2.0), step(x, 2.0)))
+        gpu_actions.append(gpu_graph.last_action)
+    print("calls:", ", ".join(gpu_actions), "| results as step() itself:", all(gpu_same))
+
+# %% [markdown]
 # **CUDA graph on and off.** The same plan, timed per call (`time_cpu`: warm-up excluded, the GPU
 # synchronized around each call). With the graph the first call warms up, the second captures, the
 # rest replay. The tiny models are launch-bound, so the graph's gain is large here; on sd15 the TA
@@ -644,7 +671,7 @@ for name in MODEL_NAMES:
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
 print("every engine replays its graph after warm-up and capture:",
-      all(action is GraphAction.REPLAY for action in graph_actions.values()))
+      all(action == "replay" for action in graph_actions.values()))
 
 # %% [markdown]
 # **Homework 2 harness.** Per engine: build at builder optimisation levels 0, 3 and 5 and time each with
@@ -653,7 +680,7 @@ print("every engine replays its graph after warm-up and capture:",
 # Building 3 levels × 4 engines takes a few minutes even for the tiny model.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
-from course_lib.bench import hw2_sweep, hw2_table, plot_hw2
+from course_lib.trt.sweep import hw2_sweep, hw2_table, plot_hw2
 
 records = hw2_sweep(onnx_dir, out / "hw2", opt_levels=(0, 3, 5), height=128, width=192,
                     timing_cache=timing_cache)

@@ -81,14 +81,17 @@ print("CLIP softmax inputs reach the -1e4 mask:", max(r.max_abs for r in clip_so
 # GPU machine: the same survey on the real model (pass your checkpoint path) at the course's size.
 from course_lib.cnsd import load_checkpoint  # noqa: E402
 
-sd15 = build_cnsd(get_config("sd15"), seed=0)
-# load_checkpoint("control_sd15_canny.pth", sd15)   # <- with the real weights the picture changes
-sd15 = sd15.cuda()
-sd15_feed = {k: v.cuda() for k, v in example_inputs(contracts(sd15.config)["unet"], seed=1).items()}
-sd15_unet = survey_ranges(sd15.positional("unet"), sd15_feed, title="sd15 UNet (random weights)")
-print(sd15_unet.summary())
-plot_ranges(sd15_unet)
-plt.show()
+if not torch.cuda.is_available():
+    print("needs a CUDA GPU: skipped")
+else:
+    sd15 = build_cnsd(get_config("sd15"), seed=0)
+    # load_checkpoint("control_sd15_canny.pth", sd15)   # <- with the real weights the picture changes
+    sd15 = sd15.cuda()
+    sd15_feed = {k: v.cuda() for k, v in example_inputs(contracts(sd15.config)["unet"], seed=1).items()}
+    sd15_unet = survey_ranges(sd15.positional("unet"), sd15_feed, title="sd15 UNet (random weights)")
+    print(sd15_unet.summary())
+    plot_ranges(sd15_unet)
+    plt.show()
 
 # %% [markdown]
 # ## 3. An FP16 ONNX, strongly typed
@@ -172,44 +175,54 @@ print("Sin/Cos kept in FP32: that tensor passes:", kept_layers.first_bad is None
 #
 # Before touching kernels, do less work:
 #
-# * **batched CFG**: the original calls ControlNet and UNet twice per step (cond, then uncond); one
-#   call with a batch of 2 halves the launches and fills the GPU better. Same maths, so the image must
-#   not change;
-# * **text and hint once**: CLIP runs once per prompt, the hint is the same at every step;
+# * **batched guidance**: the original calls ControlNet and UNet twice per step (cond, then uncond);
+#   one call with a batch of 2 halves the launches and fills the GPU better. The maths is the same, so
+#   the image must not change;
+# * **text and hint once**: CLIP runs once per prompt, and the hint is the same at every step;
 # * **fewer steps** and **reusing the previous step's noise estimate** on some steps trade quality for
-#   time — measured below against the 20-step image.
+#   time. We measure them below against the 20-step image.
+#
+# There is one pipeline, `Canny2Image`. How each DDIM step gets its eps is a **strategy** it is given
+# (`course_lib.pipeline.eps`). The default, `GuidedEps("separate")`, is the original:
 
 # %%
-from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
+from course_lib.pipeline.canny2image import Canny2Image
+from course_lib.pipeline.eps import GuidedEps
 from course_lib.samples import sample_photo
 from course_lib.score import max_pixel_diff, psnr
 
 photo = sample_photo(size=(128, 192))
-pipe = Canny2Image.from_torch(model, byte_level_tokenizer(), progress=False, cfg="separate")
+pipe = Canny2Image.from_torch(model, byte_level_tokenizer(), progress=False)
 separate = pipe.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
-pipe.cfg = "batched"
+pipe.eps = GuidedEps("batched")
 batched = pipe.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
-print("batched CFG, same image (max pixel difference <= 1):", max_pixel_diff(separate, batched) <= 1)
+print("batched guidance, same image (max pixel difference <= 1):", max_pixel_diff(separate, batched) <= 1)
 
 # %% [markdown]
-# The other switches live in chapter 3's fast pipeline, `FastCanny2Image`: the same `process()` as
-# `Canny2Image`, driven by a set of switches whose name spells them (`fp16-batched-graph-sdpa`, ...).
-# With default switches it reproduces `Canny2Image` exactly. Fewer steps and eps reuse change the
-# image; how much is the price (with random weights the PSNR only says how far the image moved).
+# Every switch of the chapter is either a **backend** choice (fp16 weights, SDPA attention,
+# `torch.compile`) or an **eps strategy** plugged into that same pipeline: `GuidedEps` (separate or
+# batched), `HintOnce`, `GraphedEps` (section 6) and `ReuseEps`. Fewer steps is just `ddim_steps=`.
+# A variant's name spells its switches (`fp16-batched-graph-sdpa`, ...). `make_pipeline` builds a
+# variant on a torch model, and `eps_strategy` gives its strategy alone. Fewer steps and eps reuse
+# change the image; how much is the price (with random weights the PSNR only says how far the image
+# moved).
 
 # %%
-from course_lib.pipeline.fastpath import Switches, eps_reuse_steps
-from course_lib.pipeline.fastpipeline import FastCanny2Image
+from course_lib.pipeline.eps import eps_reuse_steps
+from course_lib.pipeline.speedups import Switches, eps_strategy, make_pipeline
 
-reference = FastCanny2Image(model, byte_level_tokenizer(), "fp32-batched", device="cpu", progress=False) \
+print("fp16-batched-graph-sdpa-hint-once-reuse-eps4 ->", eps_strategy("fp16-batched-graph-sdpa-hint-once-reuse-eps4", model))
+reference = make_pipeline(model, byte_level_tokenizer(), "fp32-batched", device="cpu") \
     .process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
-print("fp32-batched on the fast pipeline == Canny2Image batched:", bool((reference == batched).all()))
+print("make_pipeline('fp32-batched') == the batched pipeline above:", bool((reference == batched).all()))
 print("eps reused on steps", eps_reuse_steps(20, every=4), "of 20")
 quality = {}
 for name in ("fp32-batched-steps10", "fp32-batched-steps5", "fp32-batched-reuse-eps4", "fp32-batched-reuse-eps2"):
-    fast = FastCanny2Image(model, byte_level_tokenizer(), Switches.from_name(name), device="cpu", progress=False)
-    quality[name] = psnr(reference, fast.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0])
+    switches = Switches.from_name(name)
+    variant = make_pipeline(model, byte_level_tokenizer(), switches, device="cpu")
+    quality[name] = psnr(reference, variant.process(photo, "a bird", image_resolution=128,
+                                                    ddim_steps=switches.steps or 20)[0])
 print("every variant moves the image, none destroys it (PSNR between 15 and 60 dB):",
       all(15 < q < 60 for q in quality.values()))
 
@@ -218,34 +231,70 @@ for name, q in quality.items():
     print(f"{name:<28} PSNR vs 20 steps: {q:5.1f} dB")
 
 # %% [markdown]
+# The strategies work on any backends. Here eps reuse runs on ONNX Runtime, with the FP32 exports of
+# section 3 (static batch 1, so guidance stays "separate"). Hint once is the exception: it feeds the
+# ControlNet its hint block's output, and only the torch ControlNet can take that. The course's ONNX and
+# TensorRT ControlNets take the canny hint, so the pipeline refuses with one sentence.
+
+# %%
+from course_lib.backends import make_backends
+from course_lib.pipeline.eps import HintOnce, ReuseEps
+
+ort_backends = make_backends("ort", onnx_dir=out / "fp32")
+reuse = {kind: Canny2Image(backends, byte_level_tokenizer(), tiny, progress=False, eps=ReuseEps(every=4))
+         .process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
+         for kind, backends in (("torch", pipe.backends), ("ort", ort_backends))}
+print("reuse-eps4 on ONNX Runtime = on torch (max pixel difference <= 2):", max_pixel_diff(reuse["ort"], reuse["torch"]) <= 2)
+try:
+    Canny2Image(ort_backends, byte_level_tokenizer(), tiny, progress=False, eps=HintOnce(model)) \
+        .process(photo, "a bird", image_resolution=128, ddim_steps=1)
+    hint_once_error = None
+except ValueError as e:
+    hint_once_error = str(e)
+print("hint once on ONNX Runtime:", hint_once_error.split(";")[0])
+
+# %% [markdown]
 # ## 6. CUDA graphs
 #
-# Each DDIM step launches hundreds of small kernels (≈ 10 µs each at these shapes); the CPU can't
+# Each DDIM step launches hundreds of small kernels (≈ 10 µs each at these shapes). The CPU can't
 # enqueue them as fast as the H100 runs them. A **CUDA graph** records one step's kernels once and
 # replays them with a single launch. What a graph records is fixed: the kernels, their launch
 # parameters and **the addresses** of every buffer. So
 #
-# * inputs must be copied into the same static buffers before each replay, outputs read from the same
-#   static buffers after it;
-# * a new shape (another image size, batch) or a new buffer means a new capture;
-# * the first run happens outside the graph (warm-up: cuDNN picks algorithms, allocators settle), and
-#   capture happens on a side stream.
+# * inputs must be copied into the same static buffers before each replay, and outputs read from the
+#   same static buffers after it;
+# * a new shape (another image size or batch) means a new capture;
+# * the first run happens outside the graph (a warm-up: cuDNN picks algorithms, allocators settle).
 #
-# Chapter 2's `GraphPolicy` is exactly that state machine; `fastpath.Graphed` applies it to a torch
-# function, `Engine.infer(use_cuda_graph=True)` to a TensorRT engine. On the GPU machine:
+# That is chapter 2's rule (§3.4), and `course_lib.cudagraph.CudaGraph` applies it everywhere:
+#
+# * `GraphedEps` graphs a whole DDIM step: ControlNet, UNet and guidance, both branches. The step's
+#   inputs are x, the timestep, the contexts and the hint, so one capture serves all 20 steps and every
+#   image of that size. It graphs torch backends, or TensorRT backends made with
+#   `use_cuda_graph=False` (one graph holds the whole step). It can't graph ONNX Runtime, whose feeds
+#   go through host memory;
+# * `GraphedBackend` graphs one backend: the ladder uses it for CLIP and the decoder;
+# * `Engine.infer(use_cuda_graph=True)` graphs one TensorRT engine.
+#
+# On the GPU machine, the sd15 UNet with and without its graph:
 
 # %% tags=["requires-gpu", "nbval-ignore-output"]
-from course_lib.timing import summarize, time_cuda  # noqa: E402
-from course_lib.pipeline.fastpath import Graphed  # noqa: E402
+if not torch.cuda.is_available():
+    print("needs a CUDA GPU: skipped")
+else:
+    from course_lib.cudagraph import CudaGraph
+    from course_lib.timing import summarize, time_cuda
 
-gpu_model = sd15.half()                             # the sd15 model of section 2, now in fp16
-unet_feed = {k: (v.half() if v.is_floating_point() else v).cuda()
-             for k, v in example_inputs(contracts(gpu_model.config, batch=2)["unet"], seed=0).items()}
-unet = gpu_model.positional("unet")
-eager = summarize(time_cuda(lambda: unet(*unet_feed.values()), warmup=3, iters=20))
-graphed_unet = Graphed(lambda *xs: unet(*xs))
-graphed = summarize(time_cuda(lambda: graphed_unet(*unet_feed.values()), warmup=3, iters=20))
-print(f"sd15 UNet fp16, batch 2, 256x384: eager {eager['median']:.1f} ms, CUDA graph {graphed['median']:.1f} ms")
+    gpu_model = sd15.half()                             # the sd15 model of section 2, now in fp16
+    unet_feed = {k: (v.half() if v.is_floating_point() else v).cuda()
+                 for k, v in example_inputs(contracts(gpu_model.config, batch=2)["unet"], seed=0).items()}
+    unet = gpu_model.positional("unet")
+    with torch.inference_mode():
+        eager = summarize(time_cuda(lambda: unet(*unet_feed.values()), warmup=3, iters=20))
+        graphed_unet = CudaGraph(unet, "sd15 UNet")       # warm-up and capture happen in time_cuda's warm-up
+        graphed = summarize(time_cuda(lambda: graphed_unet(*unet_feed.values()), warmup=3, iters=20))
+    print(f"sd15 UNet fp16, batch 2, 256x384: eager {eager['median']:.1f} ms, CUDA graph {graphed['median']:.1f} ms "
+          f"({graphed_unet.last_action})")
 
 # %% [markdown]
 # ## 7. The H100 benchmark
@@ -319,17 +368,23 @@ print("FP16 plans, strongly typed, precision from the ONNX:",
 # (with TensorRT for RTX: unverified, the course's machines have no RTX-class GPU).
 
 # %% tags=["requires-tensorrt", "requires-gpu", "nbval-ignore-output"]
-from course_lib.trt.engine import Engine  # noqa: E402
+from course_lib.env import detect  # noqa: E402
 
-for name in plans:
-    engine = Engine(out / "plans" / f"{name}_fp16.plan")
-    engine.load()
-    engine.activate()
-    engine.allocate_buffers()
-    feed = {k: v.cuda() for k, v in example_inputs(small[name], seed=4).items()}
-    for graph in (False, True):
-        t = summarize(time_cuda(lambda: engine.infer(feed, use_cuda_graph=graph), warmup=3, iters=50))
-        print(f"{name} fp16 engine, CUDA graph {graph}: {t['median']:.3f} ms")
+if not detect().has_tensorrt:
+    print("needs a CUDA GPU and a TensorRT that runs plans on it: skipped")
+else:
+    from course_lib.timing import summarize, time_cuda
+    from course_lib.trt.engine import Engine
+
+    for name in plans:
+        engine = Engine(out / "plans" / f"{name}_fp16.plan")
+        engine.load()
+        engine.activate()
+        engine.allocate_buffers()
+        feed = {k: v.cuda() for k, v in example_inputs(small[name], seed=4).items()}
+        for graph in (False, True):
+            t = summarize(time_cuda(lambda: engine.infer(feed, use_cuda_graph=graph), warmup=3, iters=50))
+            print(f"{name} fp16 engine, CUDA graph {graph}: {t['median']:.3f} ms ({engine.last_action})")
 
 # %% [markdown]
 # ## Self-check
@@ -340,5 +395,7 @@ assert float_io == {"float32"}
 assert {"InstanceNormalization", "Softmax"} <= kept
 assert worst_rel < 5e-3
 assert first is not None and first.model.split()[0] in ("Sin", "Cos")
-assert max_pixel_diff(separate, batched) <= 1
+assert max_pixel_diff(separate, batched) <= 1 and (reference == batched).all()
+assert max_pixel_diff(reuse["ort"], reuse["torch"]) <= 2
+assert hint_once_error is not None and "only the torch ControlNet" in hint_once_error
 print("chapter 3 self-check passed")

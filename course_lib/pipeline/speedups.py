@@ -1,0 +1,195 @@
+"""Chapter 3: canny2image made fast one switch at a time -- the ladder's variants as backends + eps strategy.
+
+A variant's *name* spells its switches, so a benchmark row says exactly what ran
+(``Switches.from_name("fp16-batched-graph-sdpa")``). Each switch is a choice of backends or of eps
+strategy for the one :class:`~course_lib.pipeline.canny2image.Canny2Image`:
+
+==============  ====================  ===========================================================
+token           plugged in as         what it does
+==============  ====================  ===========================================================
+``fp32/fp16``   torch backends        weights and activations in fp16 (:func:`to_half`)
+``separate``    ``GuidedEps``         cond and uncond as two calls of each model (the original)
+``batched``     ``GuidedEps``         cond and uncond as one batch of 2: one call of each per step
+``graph``       ``GraphedEps`` +      each DDIM step one CUDA graph; CLIP and the decoder graphed
+                ``GraphedBackend``    as backends
+``sdpa``        torch backends        fused ``scaled_dot_product_attention``, ``cudnn.benchmark``
+``hint-once``   ``HintOnce``          the ControlNet's hint block once per image (torch ControlNet)
+``compile``     torch backends        ``torch.compile`` of ControlNet, UNet and decoder
+``reuse-epsN``  ``ReuseEps``          the previous eps on every N-th step (default 4): another image
+``stepsN``      ``process()``         ``ddim_steps=N``: fewer steps, another image
+``cache-text``  ``cache_text=True``   CLIP encodings of prompts seen before are kept
+==============  ====================  ===========================================================
+
+:func:`make_pipeline` builds a variant on a torch model; :func:`eps_strategy` gives the eps part alone,
+which also runs over ONNX Runtime or TensorRT backends (batched, reuse; graph on TensorRT).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from course_lib.backends import GraphedBackend, TorchBackend
+from course_lib.cnsd.attention import ATTENTION_BACKENDS, set_attention_backend
+from course_lib.cnsd.contract import MODEL_NAMES, contracts
+from course_lib.pipeline.canny2image import Canny2Image
+from course_lib.pipeline.eps import HINT_ONCE_NEEDS, EpsStrategy, GraphedEps, GuidedEps, HintOnce, ReuseEps
+from course_lib.pipeline.sampler import GUIDANCE_MODES
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+# the ladder chapter 3 climbs, each rung one switch more than the last
+LADDER = ("fp32-separate", "fp16-separate", "fp16-batched", "fp16-batched-graph", "fp16-batched-graph-sdpa",
+          "fp16-batched-graph-sdpa-hint-once", "fp16-batched-graph-sdpa-hint-once-compile")
+
+
+@dataclass(frozen=True)
+class Switches:
+    """Chapter 3: one variant of the pipeline. Defaults are the original (fp32, separate, eager)."""
+    dtype: str = "fp32"            # "fp32" | "fp16"
+    guidance: str = "separate"     # "separate" | "batched"
+    cuda_graph: bool = False
+    attention: str = "math"        # "math" | "sdpa" (sdpa also turns cudnn.benchmark on)
+    hint_once: bool = False
+    compile: bool = False
+    reuse_every: int = 0           # 0: off; N: reuse the previous eps on every N-th step
+    steps: int | None = None       # None: the ddim_steps given to process()
+    cache_text: bool = False
+
+    def __post_init__(self):
+        checks = [("dtype", self.dtype, tuple(DTYPES)), ("guidance", self.guidance, GUIDANCE_MODES),
+                  ("attention", self.attention, ATTENTION_BACKENDS)]
+        for what, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"switch {what}={value!r}: expected one of {allowed}")
+        if self.reuse_every < 0 or self.reuse_every == 1 or (self.steps is not None and self.steps < 1):
+            raise ValueError(f"reuse_every={self.reuse_every}, steps={self.steps}: expected reuse_every 0 or "
+                             f">= 2 and steps >= 1")
+
+    @property
+    def name(self) -> str:
+        """The variant's name, e.g. ``"fp16-batched-graph-sdpa"`` (:meth:`from_name` reads it back)."""
+        parts = [self.dtype, self.guidance]
+        parts += ["graph"] if self.cuda_graph else []
+        parts += ["sdpa"] if self.attention == "sdpa" else []
+        parts += ["hint-once"] if self.hint_once else []
+        parts += ["compile"] if self.compile else []
+        parts += [f"reuse-eps{self.reuse_every}"] if self.reuse_every else []
+        parts += [f"steps{self.steps}"] if self.steps is not None else []
+        parts += ["cache-text"] if self.cache_text else []
+        return "-".join(parts)
+
+    @classmethod
+    def from_name(cls, name: str) -> "Switches":
+        """Chapter 3: the switches a variant name spells (tokens in the module docstring's table)."""
+        tokens = name.strip().lower().replace("reuse-eps", "reuse_eps").replace("cache-text", "cache_text") \
+            .replace("hint-once", "hint_once").split("-")
+        values: dict = {}
+        for token in tokens:
+            if token in DTYPES:
+                values["dtype"] = token
+            elif token in GUIDANCE_MODES:
+                values["guidance"] = token
+            elif token == "graph":
+                values["cuda_graph"] = True
+            elif token == "sdpa":
+                values["attention"] = "sdpa"
+            elif token == "compile":
+                values["compile"] = True
+            elif token in ("cache_text", "hint_once"):
+                values[token] = True
+            elif m := re.fullmatch(r"reuse_eps(\d*)", token):
+                values["reuse_every"] = int(m.group(1) or 4)
+            elif m := re.fullmatch(r"steps(\d+)", token):
+                values["steps"] = int(m.group(1))
+            else:
+                raise ValueError(f"variant {name!r}: unknown part {token!r}; expected e.g. fp16-batched-graph-sdpa "
+                                 f"(parts: fp32|fp16, separate|batched, graph, sdpa, hint-once, compile, reuse-epsN, stepsN, cache-text)")
+        return cls(**values)
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.cuda_graph or self.compile
+
+    @property
+    def build_key(self) -> "Switches":
+        """The switches that shape a built pipeline: steps and eps reuse only change a call or wrap the eps."""
+        return replace(self, steps=None, reuse_every=0)
+
+
+def to_half(cnsd: torch.nn.Module) -> torch.nn.Module:
+    """Chapter 3: an fp16 copy of a CNSD model (GroupNorm32 still computes in fp32); the original is kept."""
+    return copy.deepcopy(cnsd).half().eval()
+
+
+@contextlib.contextmanager
+def global_switches(switches: Switches, cnsd: torch.nn.Module | None = None):
+    """Chapter 3: the process-wide parts of ``switches`` (cudnn.benchmark, the attention backend of ``cnsd``)
+    for a ``with`` block, then put back."""
+    old_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = switches.attention == "sdpa"
+    if cnsd is not None:
+        set_attention_backend(cnsd, switches.attention)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old_benchmark
+        if cnsd is not None:
+            set_attention_backend(cnsd, "math")
+
+
+def eps_strategy(switches: Switches | str, model: torch.nn.Module | None = None) -> EpsStrategy:
+    """Chapter 3: the eps strategy a variant spells: guidance, then hint once (needs the torch ``model``),
+    the CUDA-graphed step, eps reuse. Backend switches (dtype, sdpa, compile) are not part of it."""
+    s = Switches.from_name(switches) if isinstance(switches, str) else switches
+    eps: EpsStrategy = GuidedEps(s.guidance)
+    if s.hint_once:
+        if model is None:
+            raise ValueError(f"variant {s.name}: pass the torch model; {HINT_ONCE_NEEDS}")
+        eps = HintOnce(model, s.guidance, compile=s.compile)
+    if s.cuda_graph:
+        eps = GraphedEps(eps)
+    return ReuseEps(eps, s.reuse_every) if s.reuse_every else eps
+
+
+def torch_backends(model: torch.nn.Module, switches: Switches) -> dict:
+    """Chapter 3: the four torch backends of a variant: ``torch.compile`` (not CLIP) if asked, and with
+    "graph" CLIP and the decoder each replayed from CUDA graphs (the step is graphed by ``GraphedEps``)."""
+    table = contracts(model.config)
+    backends = {}
+    for name in MODEL_NAMES:
+        module = model.positional(name)
+        if switches.compile and name != "clip":
+            module = torch.compile(module, dynamic=False)
+        backends[name] = TorchBackend(module, table[name])
+        if switches.cuda_graph and name in ("clip", "decoder"):
+            backends[name] = GraphedBackend(backends[name])
+    return backends
+
+
+def make_pipeline(model: torch.nn.Module, tokenizer, switches: Switches | str = Switches(),
+                  device: str | torch.device = "cuda", **kwargs) -> Canny2Image:
+    """Chapter 3: ``Canny2Image`` for a variant on a torch ``model`` already on ``device`` in the variant's
+    dtype (fp16: :func:`to_half`). Sets the attention backend on ``model`` (shared by its pipelines) and, for
+    "sdpa", ``cudnn.benchmark`` (:func:`global_switches` scopes both). Pass ``ddim_steps=switches.steps``
+    to ``process()`` for "stepsN". ``kwargs`` go to ``Canny2Image`` (default: no progress, no stage timing)."""
+    s = Switches.from_name(switches) if isinstance(switches, str) else switches
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if dtype != DTYPES[s.dtype]:
+        raise ValueError(f"model is {dtype}, variant {s.name} asks for {s.dtype}: pass to_half(model) for fp16 variants")
+    if s.needs_cuda and torch.device(device).type != "cuda":
+        raise ValueError(f"variant {s.name}: graph and compile need device cuda, got {device}")
+    set_attention_backend(model, s.attention)
+    if s.attention == "sdpa":
+        torch.backends.cudnn.benchmark = True
+    kwargs = {"progress": False, "time_stages": False, **kwargs}
+    return Canny2Image(torch_backends(model, s), tokenizer, model.config, device=device,
+                       eps=eps_strategy(s, model), cache_text=s.cache_text, **kwargs)
+
+
+def switch_table() -> str:
+    """Chapter 3: the fields of :class:`Switches` with their defaults, one per line."""
+    return "\n".join(f"{f.name:12s} {f.default!r}" for f in fields(Switches))
