@@ -12,10 +12,11 @@
 # 5. on a GPU with TensorRT: **build** the four engines, run them, time them with and without CUDA
 #    graphs, and the harness for homework 2.
 #
-# Parts 1–4 run on a CPU with the `tiny` preset. Part 5's cells are tagged `requires-tensorrt`: on a
-# machine without TensorRT they are skipped, visibly.
+# Parts 1–4 run on a CPU with the `tiny` preset. Part 5's cells start with `%%needs gpu tensorrt`: on a
+# machine without them each prints one line saying so, and Run All goes on.
 
 # %% tags=["nbval-ignore-output"]
+# %load_ext course_lib.notebook
 from course_lib.env import detect
 
 print(detect().report())   # part 5 needs "TensorRT" and a "CUDA GPU" here
@@ -36,7 +37,7 @@ tiny = get_config("tiny")
 model = build_cnsd(tiny, seed=0)
 out = Path("out/02_build")
 onnx_dir = out / "onnx"
-exports = export_cnsd(model, onnx_dir, height=128, width=192, progress=False)
+exports = export_cnsd(model, onnx_dir, height=128, width=192)
 print(sorted(p.name for p in onnx_dir.glob("*.onnx")))
 
 # %% [markdown]
@@ -56,7 +57,7 @@ photo = sample_photo(size=(128, 192))
 backends = {kind: make_backends(kind, model, onnx_dir=onnx_dir) for kind in ("torch", "ort")}
 images, latents = {}, {}
 for kind, chosen in backends.items():
-    pipe = Canny2Image(chosen, tokenizer, tiny, progress=False, record_latents=True)
+    pipe = Canny2Image(chosen, tokenizer, tiny, record_latents=True)
     images[kind] = pipe.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
     latents[kind] = pipe.last_latents
 step_err = [float((a - b).abs().max()) for a, b in zip(latents["torch"], latents["ort"])]
@@ -142,7 +143,7 @@ for bad in ({"latents": feed["latent"]}, {"latent": torch.zeros(1, 4, 32, 48)}):
 # %%
 mixed = {**backends["ort"], "clip": backends["torch"]["clip"]}
 print({name: type(b).__name__ for name, b in mixed.items()})
-pipe_mixed = Canny2Image(mixed, tokenizer, tiny, progress=False)
+pipe_mixed = Canny2Image(mixed, tokenizer, tiny)
 images["mixed"] = pipe_mixed.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
 print("mixed vs ONNX Runtime, max pixel difference <= 2:", max_pixel_diff(images["mixed"], images["ort"]) <= 2)
 
@@ -185,7 +186,7 @@ print(profile_table(static))
 from course_lib.trt import dynamic_profile
 
 dynamic = export_cnsd(model, out / "dynamic", height=128, width=192, dynamic={"B", "H", "W"},
-                      models=["controlnet"], progress=False)
+                      models=["controlnet"])
 dynamic_dims = onnx_input_dims(dynamic["controlnet"].path)
 print(dynamic_dims)
 flexible = dynamic_profile(dynamic_dims, min_size=(1, 128, 128), opt_size=(1, 128, 192), max_size=(2, 256, 384))
@@ -360,8 +361,8 @@ print("rows:", [r.name for r in rows], "| every max diff <= 2:", all(r.max_diff 
 # %% [markdown]
 # ## 5. TensorRT (GPU + TensorRT)
 #
-# From here on every cell needs a CUDA GPU and TensorRT (`requires-tensorrt`): on other machines they
-# are skipped. On yours they build the four engines from the ONNX files of part 1, the way the
+# From here on every cell needs a CUDA GPU and TensorRT (`%%needs gpu tensorrt`): on other machines each
+# prints one line instead. On yours they build the four engines from the ONNX files of part 1, the way the
 # course's `onnx2trt` did, with the TensorRT 10/11 API:
 #
 # * a **static profile** at 1×128×192 (batch × H × W; the course builds 1×256×384),
@@ -372,17 +373,21 @@ print("rows:", [r.name for r in rows], "| every max diff <= 2:", all(r.max_diff 
 # The build logs through Python (`course_lib.trt.logger`), so its warnings land in this notebook.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.trt import build_plans
 
 plan_dir = out / "plans"
 plans = build_plans(onnx_dir, plan_dir, profile="static", batch=1, height=128, width=192, opt_level=3,
-                    timing_cache=out / "timing.cache", workspace_gib=2, progress=False)
+                    timing_cache=out / "timing.cache", workspace_gib=2)
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
+from course_lib.notebook import every     # all(), but "nothing to check" over nothing
+
 for plan in plans:
     side = read_sidecar(plan)
     print(f"{plan.name:<16} opt level {side.builder_optimization_level}, workspace {side.workspace_gib} GiB, "
-          f"strongly typed {side.strongly_typed}, profile static: {all(a == b == c for a, b, c in side.profiles[0].values())}")
+          f"strongly typed {side.strongly_typed}, profile static: {every(a == b == c for a, b, c in side.profiles[0].values())}")
 print("timing cache written:", (out / "timing.cache").is_file())
 
 # %% [markdown]
@@ -391,6 +396,7 @@ print("timing cache written:", (out / "timing.cache").is_file())
 # `info()` lists them.
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 from course_lib.trt import Engine
 
 engine = Engine(plan_dir / "controlnet.plan").load().activate()
@@ -404,6 +410,7 @@ print(engine.info())
 # so expect differences around 1e-3 of each output's scale, not 1e-6.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.onnx.compare import compare_outputs
 
 feed = example_inputs(table_128["controlnet"], seed=1)
@@ -413,6 +420,7 @@ trt_vs_ort = compare_outputs(backends["ort"]["controlnet"].infer(feed), trt_out,
 trt_vs_ort
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 print("13 controls compared:", len(trt_vs_ort.rows) == 13,
       "| max error relative to each output's scale < 1e-2:", max(r.max_rel for r in trt_vs_ort.rows) < 1e-2)
 
@@ -420,7 +428,8 @@ print("13 controls compared:", len(trt_vs_ort.rows) == 13,
 # The whole pipeline on TensorRT: `make_backends("trt", plan_dir=...)`, latents and hint on the GPU.
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
-pipe_trt = Canny2Image(make_backends("trt", plan_dir=plan_dir), tokenizer, tiny, device="cuda", progress=False,
+# %%needs gpu tensorrt
+pipe_trt = Canny2Image(make_backends("trt", plan_dir=plan_dir), tokenizer, tiny, device="cuda",
                        record_latents=True)
 images["trt"] = pipe_trt.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
 trt_step_err = [float((a - b).abs().max()) for a, b in zip(latents["torch"], pipe_trt.last_latents)]
@@ -440,6 +449,7 @@ plt.show()
 # measured 41.6 → 30.9 ms for the fp16 UNet on an RTX 3060.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.backends import TrtBackend
 from course_lib.cnsd import MODEL_NAMES
 from course_lib.timing import time_cpu
@@ -456,8 +466,11 @@ for name in MODEL_NAMES:
     print(f"{name:<11}{medians[0]:>10.3f}{medians[1]:>10.3f}{medians[0] / medians[1]:>9.2f}x")
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
+from course_lib.notebook import every
+
 print("every engine replays its graph after warm-up and capture:",
-      all(action is GraphAction.REPLAY for action in graph_actions.values()))
+      every(action is GraphAction.REPLAY for action in graph_actions.values()))
 
 # %% [markdown]
 # **Homework 2 harness.** Per engine: build at builder optimisation levels 0, 3 and 5 and time each with
@@ -466,6 +479,7 @@ print("every engine replays its graph after warm-up and capture:",
 # Building 3 levels × 4 engines takes a few minutes even for the tiny model.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.bench import hw2_sweep, hw2_table, plot_hw2
 
 records = hw2_sweep(onnx_dir, out / "hw2", opt_levels=(0, 3, 5), height=128, width=192,
@@ -476,6 +490,7 @@ print(hw2_table(records))
 Image(filename=str(plot_hw2(records, out / "hw2" / "hw2.png")))
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 print("records (4 engines x 3 levels x graph off/on):", len(records) == 24,
       "| results saved:", (out / "hw2" / "hw2.json").is_file())
 
@@ -493,24 +508,27 @@ print("records (4 engines x 3 levels x graph off/on):", len(records) == 24,
 # `python -m course_lib submit --hw 1 --student YOUR_ID --seed YOUR_SEED --out hw1.zip` (and `--hw 2`).
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.homework.handin import write_hw1_evidence, write_hw2_evidence
 from course_lib.homework.submit import submit
 from course_lib.trt import build_plans
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
 student_model, hw1_onnx = build_cnsd(tiny, seed=SEED), Path("homework/hw1/onnx")
-export_cnsd(student_model, hw1_onnx, height=64, width=64, progress=False)
+export_cnsd(student_model, hw1_onnx, height=64, width=64)
 build_plans(hw1_onnx, out / "hw1_plans", profile="static", batch=1, height=64, width=64, opt_level=3,
-            timing_cache=out / "timing.cache", workspace_gib=2, progress=False)
-write_hw1_evidence(student_model, "homework", height=64, width=64, plan_dir=out / "hw1_plans", export=False,
-                   progress=False)
+            timing_cache=out / "timing.cache", workspace_gib=2)
+write_hw1_evidence(student_model, "homework", height=64, width=64, plan_dir=out / "hw1_plans", export=False)
 write_hw2_evidence(out / "hw2", "homework")      # <- or the FP16 sweep's folder
-hand_in = {hw: submit(hw, STUDENT, SEED, out=None, progress=False) for hw in ("1", "2")}
+hand_in = {hw: submit(hw, STUDENT, SEED, out=None) for hw in ("1", "2")}
 for dry_run in hand_in.values():
     print(dry_run.report(outputs=True))
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
-print("homework 1 and 2 ready to hand in:", all(dry_run.passed for dry_run in hand_in.values()))
+# %%needs gpu tensorrt
+from course_lib.notebook import every
+
+print("homework 1 and 2 ready to hand in:", every(dry_run.passed for dry_run in hand_in.values()))
 
 # %% [markdown]
 # ## Exercises
@@ -553,7 +571,7 @@ class CountingBackend:
 
 
 counted = {name: CountingBackend(b) for name, b in backends["ort"].items()}
-Canny2Image(counted, tokenizer, tiny, progress=False).process(photo, "a bird", image_resolution=128, ddim_steps=4)
+Canny2Image(counted, tokenizer, tiny).process(photo, "a bird", image_resolution=128, ddim_steps=4)
 calls = {name: b.calls for name, b in counted.items()}
 assert isinstance(counted["unet"], Backend)
 assert calls == {"clip": 2, "controlnet": 8, "unet": 8, "decoder": 1}, calls

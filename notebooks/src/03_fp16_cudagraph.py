@@ -21,6 +21,7 @@
 # what breaks:
 
 # %%
+# %load_ext course_lib.notebook
 import torch
 
 f16 = torch.finfo(torch.float16)
@@ -78,6 +79,7 @@ print("CLIP softmax inputs reach the -1e4 mask:", max(r.max_abs for r in clip_so
       "| and stay in fp16 range:", max(r.max_abs for r in clip_softmax) < 65504)
 
 # %% tags=["requires-gpu", "nbval-ignore-output"]
+# %%needs gpu
 # GPU machine: the same survey on the real model (pass your checkpoint path) at the course's size.
 from course_lib.cnsd import load_checkpoint  # noqa: E402
 
@@ -106,8 +108,8 @@ from course_lib.onnx.export_cnsd import export_cnsd
 from course_lib.precision.fp16 import precision_report, to_fp16_onnx
 
 out = Path("out/03_fp16")
-fp32 = export_cnsd(model, out / "fp32", height=128, width=192, progress=False)
-fp16 = {name: to_fp16_onnx(result.path, out / "fp16" / f"{name}.onnx", progress=False)
+fp32 = export_cnsd(model, out / "fp32", height=128, width=192)
+fp16 = {name: to_fp16_onnx(result.path, out / "fp16" / f"{name}.onnx")
         for name, result in fp32.items()}
 report = precision_report(fp16["unet"].path)
 print(report)
@@ -154,8 +156,7 @@ from course_lib.onnx.compare import layerwise_compare
 from course_lib.precision.fp16 import KEEP_FP32_OPS
 
 naive_ops = tuple(op for op in KEEP_FP32_OPS if op not in ("Sin", "Cos"))
-naive = to_fp16_onnx(fp32["controlnet"].path, out / "naive" / "controlnet.onnx", keep_fp32_ops=naive_ops,
-                     progress=False)
+naive = to_fp16_onnx(fp32["controlnet"].path, out / "naive" / "controlnet.onnx", keep_fp32_ops=naive_ops)
 feed = example_inputs(small["controlnet"], seed=3)
 feed["timestep"][:] = 951                       # a late DDIM timestep: t * freq is large
 naive_layers = layerwise_compare(fp32["controlnet"].path, naive.path, feed, rtol=1e-2, atol=1e-2)
@@ -186,7 +187,7 @@ from course_lib.samples import sample_photo
 from course_lib.score import max_pixel_diff, psnr
 
 photo = sample_photo(size=(128, 192))
-pipe = Canny2Image.from_torch(model, byte_level_tokenizer(), progress=False, cfg="separate")
+pipe = Canny2Image.from_torch(model, byte_level_tokenizer(), cfg="separate")
 separate = pipe.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
 pipe.cfg = "batched"
 batched = pipe.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
@@ -202,13 +203,13 @@ print("batched CFG, same image (max pixel difference <= 1):", max_pixel_diff(sep
 from course_lib.pipeline.fastpath import Switches, eps_reuse_steps
 from course_lib.pipeline.fastpipeline import FastCanny2Image
 
-reference = FastCanny2Image(model, byte_level_tokenizer(), "fp32-batched", device="cpu", progress=False) \
+reference = FastCanny2Image(model, byte_level_tokenizer(), "fp32-batched", device="cpu") \
     .process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
 print("fp32-batched on the fast pipeline == Canny2Image batched:", bool((reference == batched).all()))
 print("eps reused on steps", eps_reuse_steps(20, every=4), "of 20")
 quality = {}
 for name in ("fp32-batched-steps10", "fp32-batched-steps5", "fp32-batched-reuse-eps4", "fp32-batched-reuse-eps2"):
-    fast = FastCanny2Image(model, byte_level_tokenizer(), Switches.from_name(name), device="cpu", progress=False)
+    fast = FastCanny2Image(model, byte_level_tokenizer(), Switches.from_name(name), device="cpu")
     quality[name] = psnr(reference, fast.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0])
 print("every variant moves the image, none destroys it (PSNR between 15 and 60 dB):",
       all(15 < q < 60 for q in quality.values()))
@@ -235,6 +236,7 @@ for name, q in quality.items():
 # function, `Engine.infer(use_cuda_graph=True)` to a TensorRT engine. On the GPU machine:
 
 # %% tags=["requires-gpu", "nbval-ignore-output"]
+# %%needs gpu --see docs/benchmarks.md, "Chapter 3" (the pipeline with and without CUDA graphs on an H100)
 from course_lib.timing import summarize, time_cuda  # noqa: E402
 from course_lib.pipeline.fastpath import Graphed  # noqa: E402
 
@@ -293,6 +295,7 @@ plt.show()
 # the cells below build FP16 engines from the FP16 ONNX of section 3 on a machine that has it.
 
 # %% tags=["requires-tensorrt", "requires-gpu", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.trt.build import build_engine_plan  # noqa: E402
 from course_lib.trt.engine import Engine  # noqa: E402
 from course_lib.trt.profiles import onnx_input_dims, shapes_at, static_profile  # noqa: E402
@@ -301,7 +304,7 @@ plans = {}
 for name in ("controlnet", "unet"):
     onnx_path = fp16[name].path
     profile = static_profile(shapes_at(onnx_input_dims(onnx_path), batch=1, height=128, width=192))
-    plans[name] = build_engine_plan(onnx_path, out / "plans" / f"{name}_fp16.plan", profile, progress=False)
+    plans[name] = build_engine_plan(onnx_path, out / "plans" / f"{name}_fp16.plan", profile)
     engine = Engine(out / "plans" / f"{name}_fp16.plan")
     engine.load()
     engine.activate()

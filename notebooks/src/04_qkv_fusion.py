@@ -15,10 +15,11 @@
 #    on TensorRT where you have it;
 # 6. run homework 3's check on your fused model and on your fused ONNX files.
 #
-# Everything runs on a CPU with the **tiny** preset. Section 5's TensorRT cells are tagged
-# `requires-tensorrt` and skipped where TensorRT is missing.
+# Everything runs on a CPU with the **tiny** preset. Section 5's TensorRT cells start with
+# `%%needs gpu tensorrt` and print one line instead where those are missing.
 
 # %% tags=["nbval-ignore-output"]
+# %load_ext course_lib.notebook
 from course_lib.env import detect
 
 print(detect().report())
@@ -253,11 +254,9 @@ print("fused after loading, parity passes:", fixed_table.passed,
 from course_lib.onnx.export_cnsd import export_cnsd
 
 unfuse_qkv(model)
-exports = {"unfused": export_cnsd(model, out / "unfused", height=64, width=64, models=["controlnet", "unet"],
-                                  progress=False)}
+exports = {"unfused": export_cnsd(model, out / "unfused", height=64, width=64, models=["controlnet", "unet"])}
 fuse_qkv(model)
-exports["fused"] = export_cnsd(model, out / "fused", height=64, width=64, models=["controlnet", "unet"],
-                               progress=False)
+exports["fused"] = export_cnsd(model, out / "fused", height=64, width=64, models=["controlnet", "unet"])
 print({version: sorted(str(r.path) for r in files.values()) for version, files in exports.items()})
 
 # %%
@@ -313,9 +312,10 @@ print("rows:", len(parity.rows), "| all pass at rtol 1e-3, atol 1e-5:", parity.p
 # %% [markdown]
 # Netron shows it best: open the fused ControlNet and follow an `attn1` block — one `MatMul` with a
 # (32 × 96) weight feeding a `Split` (the tiny level-1 layer: C = 32, so 3C = 96). The cell starts a
-# local server and is tagged `interactive`, so the test run skips it.
+# local Netron server on a free port, as in chapter 1.
 
-# %% tags=["interactive"]
+# %% tags=["nbval-ignore-output"]
+# %%needs netron
 from course_lib.onnx.graph import show_in_netron
 
 show_in_netron(exports["fused"]["controlnet"].path)
@@ -411,13 +411,15 @@ plt.show()
 # them through `Engine` with the same inputs.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.trt.build import build_engine_plan
 
 for version, files in exports.items():
     build_engine_plan(files["controlnet"].path, out / "plans" / f"controlnet_{version}.plan", workspace_gib=2,
-                      timing_cache=out / "timing.cache", progress=False)
+                      timing_cache=out / "timing.cache")
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 import numpy as np
 
 from course_lib.timing import time_cpu
@@ -436,6 +438,7 @@ for version, samples in trt_ms.items():
 print(f"speed-up unfused/fused: x{np.median(trt_ms['unfused']) / np.median(trt_ms['fused']):.3f}")
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 trt_parity = compare_outputs(trt_out["unfused"], trt_out["fused"], rtol=1e-2, atol=1e-3)
 print("fused and unfused engines agree (rtol 1e-2, atol 1e-3):", trt_parity.passed)
 
@@ -524,8 +527,8 @@ SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor i
 student_model = build_cnsd(tiny, seed=SEED)      # (sd15: your checkpoint-loaded model)
 print(fuse_qkv(student_model))
 student_timing = time_attention(student_model, "controlnet", height=64, width=64, repeats=3)
-write_hw3_evidence(student_model, "homework", height=64, width=64, timing=student_timing, progress=False)
-dry_run = submit("3", STUDENT, SEED, out=None, progress=False)
+write_hw3_evidence(student_model, "homework", height=64, width=64, timing=student_timing)
+dry_run = submit("3", STUDENT, SEED, out=None)
 print(dry_run.report())
 
 # %% [markdown]

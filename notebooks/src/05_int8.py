@@ -13,9 +13,10 @@
 # 5. try SmoothQuant, the trick that tames activation outliers.
 #
 # Everything runs on a CPU with the `tiny` preset at 64×64 and 2 DDIM steps. The TensorRT INT8 vs FP16
-# comparison at the end is tagged `requires-tensorrt`.
+# comparison at the end needs a GPU with TensorRT (`%%needs gpu tensorrt`; elsewhere one line says so).
 
 # %% tags=["nbval-ignore-output"]
+# %load_ext course_lib.notebook
 from course_lib.env import detect
 
 print(detect().report())   # part 6 needs "TensorRT" and a "CUDA GPU" here
@@ -113,7 +114,7 @@ SIZE, STEPS = 64, 2
 tiny = get_config("tiny")
 model = build_cnsd(tiny, seed=0)
 out = Path("out/05_int8")
-exports = export_cnsd(model, out / "fp32", height=SIZE, width=SIZE, progress=False)
+exports = export_cnsd(model, out / "fp32", height=SIZE, width=SIZE)
 fp32 = {name: result.path for name, result in exports.items()}
 print({name: path.name for name, path in fp32.items()})
 
@@ -132,10 +133,9 @@ photos = [photo, np.ascontiguousarray(photo[:, ::-1]), np.ascontiguousarray(phot
 prompts = ["a bird", "a bird on a branch", "a painting of a bird"]
 seeds = [1, 2, 3]
 tokenizer = byte_level_tokenizer()
-pipe_torch = Canny2Image.from_torch(model, tokenizer, progress=False)
+pipe_torch = Canny2Image.from_torch(model, tokenizer)
 calib = capture_calibration(pipe_torch, photos, prompts, out / "calib_data", seeds=seeds, overwrite=True,
-                            models=["controlnet", "unet"], image_resolution=SIZE, ddim_steps=STEPS,
-                            progress=False)
+                            models=["controlnet", "unet"], image_resolution=SIZE, ddim_steps=STEPS)
 for run in calib.manifest["runs"]:
     print({k: v for k, v in run.items() if k in ("run", "prompt", "seed")})
 for name in calib.models:
@@ -177,7 +177,7 @@ for name in ("controlnet", "unet"):
     sensitive = sensitive_nodes(fp32[name])
     kept = {g: sensitive[g] for g in ("time_embed", "first_last_conv")}
     result = quantize_int8(fp32[name], out / "int8" / f"{name}.int8.onnx", calib.reader(name, runs=[0, 1]),
-                           method="ort", exclude_nodes=kept, progress=False)
+                           method="ort", exclude_nodes=kept)
     int8[name] = result.path
     print(f"{name:<11}calibrated on {result.samples} samples, {len(result.excluded_nodes)} nodes kept float")
 
@@ -226,7 +226,7 @@ print(f"{len(asym_report.problems)} problems, the first:", asym_report.problems[
 # %% tags=["nbval-ignore-output"]
 from course_lib.precision.evaluation import AccuracyTable, compare_images, int8_accuracy
 
-tables = [int8_accuracy(fp32[name], int8[name], calib.reader(name, runs=[2]), name=name, progress=False)
+tables = [int8_accuracy(fp32[name], int8[name], calib.reader(name, runs=[2]), name=name)
           for name in ("controlnet", "unet")]
 accuracy = AccuracyTable.combine(tables)
 print(accuracy)
@@ -249,8 +249,8 @@ from course_lib.backends import OrtBackend
 backends32 = {name: OrtBackend(path, providers=["CPUExecutionProvider"]) for name, path in fp32.items()}
 backends8 = {**backends32, **{name: OrtBackend(path, providers=["CPUExecutionProvider"]) for name, path in int8.items()}}
 args = dict(image_resolution=SIZE, ddim_steps=STEPS, seed=seeds[2])
-image32 = Canny2Image(backends32, tokenizer, tiny, progress=False).process(photos[2], prompts[2], **args)[0]
-image8 = Canny2Image(backends8, tokenizer, tiny, progress=False).process(photos[2], prompts[2], **args)[0]
+image32 = Canny2Image(backends32, tokenizer, tiny).process(photos[2], prompts[2], **args)[0]
+image8 = Canny2Image(backends8, tokenizer, tiny).process(photos[2], prompts[2], **args)[0]
 fig, axes = plt.subplots(1, 2, figsize=(5, 2.6))
 for ax, img, title in zip(axes, (image32, image8), ("fp32", "INT8 ControlNet + UNet")):
     ax.imshow(img)
@@ -305,12 +305,14 @@ fig = plot_channel_ranges(before[layer], after[layer], title=layer)
 plt.show()
 
 # %%
+from course_lib.notebook import every     # all(), but "nothing to check" when there are no layers
+
 args_t = [torch.as_tensor(v) for v in feeds[0].values()]
 with torch.no_grad():
     diff = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(net(*args_t), smoothed(*args_t)))
 print("same function (relative difference < 1e-4):", diff < 1e-4)
 print("outliers at least halved in every smoothed layer:",
-      all(outlier_ratio(after[n]) < 0.5 * outlier_ratio(before[n]) for n in scales))
+      every(outlier_ratio(after[n]) < 0.5 * outlier_ratio(before[n]) for n in scales))
 
 # %% [markdown]
 # To use it for INT8: smooth the torch model, export it, calibrate and quantize as in parts 2–3. The
@@ -350,15 +352,17 @@ print(f"INT8 / fp32 median: {latency['int8'].median_ms / latency['fp32'].median_
 # from the fp32 file the same way.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.trt.build import build_engine_plan
 
 plans = {}
 for kind, path in (("fp16", fp32["unet"]), ("int8", int8["unet"])):
     plans[kind] = out / "plans" / f"unet.{kind}.plan"
-    build_engine_plan(path, plans[kind], workspace_gib=2, strongly_typed=False, fp16_flag=True, progress=False)
+    build_engine_plan(path, plans[kind], workspace_gib=2, strongly_typed=False, fp16_flag=True)
 print({kind: plan.name for kind, plan in plans.items()})
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.timing import summarize, time_cuda
 from course_lib.trt.engine import Engine
 
@@ -426,8 +430,8 @@ from course_lib.homework.handin import write_int8_evidence
 from course_lib.homework.submit import submit
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
-write_int8_evidence(build_cnsd(tiny, seed=SEED), "homework", height=SIZE, width=SIZE, steps=STEPS, progress=False)
-dry_run = submit("int8", STUDENT, SEED, out=None, progress=False)
+write_int8_evidence(build_cnsd(tiny, seed=SEED), "homework", height=SIZE, width=SIZE, steps=STEPS)
+dry_run = submit("int8", STUDENT, SEED, out=None)
 print(dry_run.report())
 
 # %% [markdown]
