@@ -373,7 +373,8 @@ def build(src: Path, dst: Path, have: set[str], demanded: set[str], keep_tagged:
 def cell_name(nb, index: int) -> str:
     """Name a cell as nbval does ("Cell 3" = the fourth code cell), with its first line."""
     cell = nb.cells[index]
-    first = cell.source.strip().splitlines()[0][:40] if cell.source.strip() else ""
+    source = without_needs_line(cell.source) if cell.cell_type == "code" else cell.source
+    first = source.strip().splitlines()[0][:40] if source.strip() else ""
     if cell.cell_type != "code":
         return f"{cell.cell_type} cell #{index} ({first!r})"
     number = sum(c.cell_type == "code" for c in nb.cells[:index])
