@@ -2,10 +2,12 @@
 
 Chapters are authored as percent-format sources, ``notebooks/src/NN_name.py``; this tool turns each
 into ``notebooks/NN_name.ipynb`` and runs it top to bottom with nbclient, in the Python that runs the
-tool, with ``notebooks/`` as the working directory. Cells tagged for hardware this machine lacks
-(``requires-gpu``, ``requires-tensorrt``, ``requires-trt-builder``) and ``interactive`` cells are not
-run: they are stored with no outputs, or, with ``--keep-outputs-of-tagged``, with the outputs a GPU
-machine stored before.
+tool, with ``notebooks/`` as the working directory. A cell that needs what some machines lack starts
+with ``%%needs gpu tensorrt`` (course_lib.notebook's cell magic: elsewhere it prints one line instead
+of running); this tool gives it the matching tags (``requires-gpu``, ``requires-tensorrt``,
+``requires-trt-builder``, ``requires-netron``). Where this machine lacks one, the cell and
+``interactive`` cells are not run: they are stored with no outputs, or, with
+``--keep-outputs-of-tagged``, with the outputs a GPU machine stored before.
 
     python tools/build_notebooks.py                      # build every chapter
     python tools/build_notebooks.py --only 01_export     # one chapter (repeatable)
@@ -26,14 +28,21 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 SOURCES = NOTEBOOKS / "src"
 
-# tag -> (capability it needs, why it is skipped where that is missing)
+# tag -> (capability it needs, why it is skipped where that is missing). A cell gets the tag from its
+# first line, ``%%needs <capability> ...`` (course_lib.notebook, whose NEEDS table says how each
+# capability is detected); one row per capability, nothing else to edit when one is added.
 # "tensorrt": a TensorRT that runs plans here (a GPU it supports); "trt-builder": a TensorRT builder,
 # which TensorRT for RTX gives on any CPU (pip install tensorrt-rtx) -- cells that only build plans
 HARDWARE_TAGS = {
     "requires-gpu": ("gpu", "needs a CUDA GPU"),
     "requires-tensorrt": ("tensorrt", "needs TensorRT"),
     "requires-trt-builder": ("trt-builder", "needs a TensorRT builder (pip install tensorrt-rtx)"),
+    "requires-netron": ("netron", "needs Netron"),
 }
+NEEDS_MAGIC = "%%needs"
+# a capability that brings others with it (course_lib.notebook.IMPLIED, the same table): a TensorRT that runs
+# plans here needs a GPU, and can build plans
+IMPLIED = {"tensorrt": ("gpu", "trt-builder")}
 # a cell that needs a person (it serves Netron on 127.0.0.1, opens a browser, waits for input):
 # never run by this tool or by nbval
 INTERACTIVE_TAG = "interactive"
@@ -47,9 +56,9 @@ KNOWN_TAGS = frozenset({
     "nbval-skip",            # nbval does not run the cell (this tool still does)
     "hide-input", "hide-output", "remove-input", "remove-output", "remove-cell",  # rendering only
 })
-CAPABILITIES = ("gpu", "tensorrt", "trt-builder")
-
-KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+CAPABILITIES = tuple(capability for capability, _ in HARDWARE_TAGS.values())
+# what JupyterLab writes for ipykernel's python3 kernel (so that a save there changes nothing)
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
 # Run silently in every kernel before the first cell (here and in notebooks/conftest.py): the course's CPU
 # thread policy (course_lib.threads), plots inline (even where MPLBACKEND=Agg is set) and only as PNG (SVG
@@ -72,6 +81,42 @@ def cell_tags(cell) -> list[str]:
     return list(cell.get("metadata", {}).get("tags", []))
 
 
+def cell_needs(source: str) -> list[str]:
+    """The capabilities a cell's ``%%needs`` first line names (``[]`` without one); ValueError if unknown."""
+    first = source.lstrip("\n").split("\n", 1)[0].strip()
+    if not first.startswith(NEEDS_MAGIC) or first[len(NEEDS_MAGIC):][:1] not in ("", " "):
+        return []
+    needs = first[len(NEEDS_MAGIC):].partition("--see")[0].split()
+    unknown = [n for n in needs if n not in CAPABILITIES]
+    if not needs or unknown:
+        raise ValueError(f"{first!r}: expected {NEEDS_MAGIC} followed by some of {', '.join(CAPABILITIES)}")
+    return needs
+
+
+def tags_from_needs(source: str, tags: list[str]) -> list[str]:
+    """The cell's tags with those its ``%%needs`` line implies added (the line is the source of truth).
+
+    ValueError when a hardware tag is there without its ``%%needs`` entry: in JupyterLab nothing reads
+    tags, so such a cell would raise on a machine without the hardware instead of printing its line.
+    """
+    needs = cell_needs(source)
+    implied = [tag for tag, (capability, _) in HARDWARE_TAGS.items() if capability in needs]
+    stray = [t for t in tags if t in HARDWARE_TAGS and t not in implied]
+    if stray:
+        wanted = needs + [HARDWARE_TAGS[t][0] for t in stray]
+        raise ValueError(f"tagged {', '.join(stray)} but its first line does not say so: start the cell with "
+                         f"'{NEEDS_MAGIC} {' '.join(wanted)}' (the tags come from that line)")
+    return list(tags) + [t for t in implied if t not in tags]
+
+
+def without_needs_line(source: str) -> str:
+    """The cell's source without its ``%%needs`` first line (what the cell computes)."""
+    if not cell_needs(source):
+        return source
+    lines = source.lstrip("\n").split("\n", 1)
+    return lines[1] if len(lines) > 1 else ""
+
+
 def cell_plan(tags, have: set[str], demanded: set[str]) -> tuple[str, str]:
     """Decide what happens to a cell with these tags on this machine.
 
@@ -91,15 +136,12 @@ def cell_plan(tags, have: set[str], demanded: set[str]) -> tuple[str, str]:
 
 
 def machine_capabilities() -> tuple[set[str], set[str]]:
-    """(have, demanded) for this machine, from course_lib.env (imports torch: call it once)."""
+    """(have, demanded) for this machine, as the %%needs magic sees it (imports torch: call it once)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from course_lib import env
+    from course_lib import env, notebook
 
-    found = env.detect()
-    have = {c for c, ok in (("gpu", found.has_gpu), ("tensorrt", found.has_tensorrt),
-                            ("trt-builder", found.has_trt_builder)) if ok}
-    return have, demanded_capabilities(env.required_capabilities())
+    return notebook.capabilities() & set(CAPABILITIES), demanded_capabilities(env.required_capabilities())
 
 
 def demanded_capabilities(raw: set[str]) -> set[str]:
@@ -108,7 +150,67 @@ def demanded_capabilities(raw: set[str]) -> set[str]:
     if unknown:
         raise ValueError(f"COURSE_REQUIRE names unknown capability {unknown[0]!r}: "
                          f"expected a comma-separated subset of {', '.join(CAPABILITIES)}")
-    return set(raw) | ({"gpu", "trt-builder"} if "tensorrt" in raw else set())
+    return with_implied(raw)
+
+
+def with_implied(capabilities) -> set[str]:
+    """``capabilities`` and what they imply (:data:`IMPLIED`): {"tensorrt"} -> {"tensorrt", "gpu", "trt-builder"}."""
+    return set(capabilities).union(*(IMPLIED.get(c, ()) for c in capabilities))
+
+
+# --- guards: a name a %%needs cell defines is only read by cells with at least its needs -----------
+
+def _cell_names(source: str) -> tuple[set[str], set[str]]:
+    """(names the cell defines at notebook level, names it reads that it does not bind itself)."""
+    import ast
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    tree = ast.parse(TransformerManager().transform_cell(without_needs_line(source)))
+    scoped = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda,
+              ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+    defined: set[str] = set()
+
+    def top(node, inside=False):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not inside:
+                defined.add(child.name)
+            elif isinstance(child, (ast.Import, ast.ImportFrom)) and not inside:
+                defined.update((a.asname or a.name).split(".")[0] for a in child.names)
+            elif isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Store, ast.Del)) and not inside:
+                defined.add(child.id)
+            top(child, inside or isinstance(child, scoped))
+
+    top(tree)
+    bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    bound |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
+              for a in n.posonlyargs + n.args + n.kwonlyargs + [n.vararg, n.kwarg] if a}
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return defined, read - bound - defined
+
+
+def guard_problems(nb) -> list[str]:
+    """Cells that read a name whose last definition above is in a cell needing more than they do.
+
+    Where that cell printed its skip line instead of running, the reader would raise NameError (or see
+    another machine's value): give it the same ``%%needs`` line. Static, so approximate: names bound
+    anywhere in the reading cell (loop variables, arguments) do not count as reads.
+    """
+    problems: list[str] = []
+    last: dict[str, tuple[frozenset, int]] = {}          # name -> (needs of the cell defining it last, index)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        needs = frozenset(with_implied(cell_needs(cell.source)))       # a tensorrt cell has built plans too
+        defined, read = _cell_names(cell.source)
+        for name in sorted(read):
+            if name in last and not last[name][0] <= needs:
+                missing = " ".join(sorted(last[name][0] - needs))
+                problems.append(f"{cell_name(nb, i)} reads {name!r}, defined by {cell_name(nb, last[name][1])} "
+                                f"which needs {missing}: start it with {NEEDS_MAGIC} "
+                                f"{' '.join(sorted(needs | last[name][0]))}")
+        last.update({name: (needs, i) for name in defined})
+    return problems
 
 
 # --- source -> notebook ---------------------------------------------------------------------
@@ -123,6 +225,11 @@ def notebook_from_source(src: Path):
     nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
     for i, cell in enumerate(text.cells):
         tags = cell_tags(cell)
+        if cell.cell_type == "code":
+            try:
+                tags = tags_from_needs(cell.source, tags)
+            except ValueError as e:
+                raise ValueError(f"{_rel(src)} cell #{i}: {e}") from None
         metadata = {"tags": tags} if tags else {}
         if cell.cell_type == "code":
             new = nbformat.v4.new_code_cell(cell.source, metadata=metadata)
@@ -245,11 +352,11 @@ def build(src: Path, dst: Path, have: set[str], demanded: set[str], keep_tagged:
     stored: dict[str, list] = {}
     for cell in (old.cells if old else []):
         if cell.cell_type == "code" and cell.execution_count is not None:
-            stored.setdefault(cell.source, []).append(cell)
+            stored.setdefault(without_needs_line(cell.source), []).append(cell)  # a new %%needs line keeps them
     for i, (cell, (what, why)) in enumerate(zip(nb.cells, plans)):
         if what != "skip":
             continue
-        previous = stored.get(cell.source, [])
+        previous = stored.get(without_needs_line(cell.source), [])
         if previous and keep_tagged:
             kept = previous.pop(0)
             cell.outputs, cell.execution_count = kept.outputs, kept.execution_count
@@ -260,7 +367,9 @@ def build(src: Path, dst: Path, have: set[str], demanded: set[str], keep_tagged:
         else:
             print(f"  {cell_name(nb, i)}: not run here ({why})")
     renumber(nb)
-    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
+    # language_info as the kernel reported it (JupyterLab writes the same on a save)
+    nb.metadata = {"kernelspec": dict(KERNELSPEC),
+                   "language_info": nb.metadata.get("language_info") or {"name": "python"}}
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             if "image/svg+xml" in out.get("data", {}):
@@ -276,7 +385,8 @@ def build(src: Path, dst: Path, have: set[str], demanded: set[str], keep_tagged:
 def cell_name(nb, index: int) -> str:
     """Name a cell as nbval does ("Cell 3" = the fourth code cell), with its first line."""
     cell = nb.cells[index]
-    first = cell.source.strip().splitlines()[0][:40] if cell.source.strip() else ""
+    source = without_needs_line(cell.source) if cell.cell_type == "code" else cell.source
+    first = source.strip().splitlines()[0][:40] if source.strip() else ""
     if cell.cell_type != "code":
         return f"{cell.cell_type} cell #{index} ({first!r})"
     number = sum(c.cell_type == "code" for c in nb.cells[:index])
@@ -328,9 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(chosen)} notebook(s) checked, {len(problems)} problem(s)")
         return 1 if problems else 0
 
-    # kernels import this checkout's course_lib, installed or not
+    # kernels import this checkout's course_lib, installed or not; stored notebooks carry no progress bars
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ["COURSE_PROGRESS"] = "off"
     try:
         have, demanded = machine_capabilities()
     except ValueError as e:

@@ -81,7 +81,7 @@ class Outcome:
 
 def run_tests(ev: Evidence, progress: bool = False) -> list[Outcome]:
     """Homework grading: run every test of ``ev.homework``; a test that raises fails with the error's line."""
-    from tqdm import tqdm
+    from course_lib.progress import tqdm
     outcomes = []
     for spec in tqdm(TESTS[ev.homework], desc=f"homework {ev.homework}", leave=False, disable=not progress):
         try:

@@ -279,7 +279,7 @@ def grade_folder(submissions: str | Path, out_dir: str | Path, *, progress: bool
     the same homework ``<student>~<hw1|...>~<zip name>`` (``~2``, ``~3``, ... if taken), and a flag. Returns the
     results, in order.
     """
-    from tqdm import tqdm
+    from course_lib.progress import tqdm
 
     submissions, out_dir = Path(submissions), Path(out_dir)
     if not submissions.is_dir():

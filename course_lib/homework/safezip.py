@@ -65,7 +65,7 @@ def hash_files(files: Mapping[str, str | Path], progress: bool = True,
     A tqdm bar (bytes) is shown while hashing when ``progress`` and the files add up to at least
     ``bar_from_bytes`` (the large ONNX files of sd15 take a while; the tiny preset's a moment).
     """
-    from tqdm import tqdm
+    from course_lib.progress import tqdm
 
     sizes = {n: Path(files[n]).stat().st_size for n in sorted(files)}
     total = sum(sizes.values())

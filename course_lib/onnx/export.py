@@ -122,7 +122,7 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
     Raises:
         ValueError (bad argument or target), PermissionError (folder not writable).
     """
-    from tqdm import tqdm                                         # text bar on stderr: nbval-safe
+    from course_lib.progress import tqdm                          # a widget in JupyterLab, text elsewhere
 
     if not isinstance(module, torch.nn.Module):
         raise ValueError(f"module: expected a torch.nn.Module, got {type(module).__name__}")

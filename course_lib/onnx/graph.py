@@ -4,6 +4,8 @@ Chapter 1 introduces these; chapter 4 counts MatMuls with the census.
 """
 from __future__ import annotations
 
+import atexit
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -42,25 +44,44 @@ def io_table(model) -> str:
     return "\n".join(lines)
 
 
-def show_in_netron(path: str | Path, port: int = 8081, height: int = 600):
+_netron_address: tuple[str, int] | None = None          # this process's (this kernel's) Netron server
+
+
+def show_in_netron(path: str | Path, height: int = 600, port: int = 0):
     """Chapter 1: serve an ONNX file with Netron on 127.0.0.1 and show it in the notebook (an IFrame).
 
-    Needs ``pip install netron``; the server stays up until :func:`stop_netron` or the kernel ends.
+    One server per kernel, on a free port (``port=0``): showing another file replaces it, and it stops
+    with the kernel (or :func:`stop_netron`). Prints one line with its address and how to reach it when
+    JupyterLab runs on another machine. Needs ``pip install netron`` (the README's set-up has it).
     """
+    global _netron_address
+    from IPython.display import IFrame
+
     from course_lib.env import require
 
     netron = require("netron", "viewing graphs")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path}: no such file")
-    netron.start(str(path), address=("127.0.0.1", port), browse=False)
-    from IPython.display import IFrame
+    stop_netron()
+    first = _netron_address is None
+    quiet = logging.NullHandler()                  # netron.start would add a root handler (logging.basicConfig)
+    logging.getLogger().addHandler(quiet)
+    try:
+        _netron_address = host, port = netron.start(str(path), address=("127.0.0.1", port), browse=False)
+    finally:
+        logging.getLogger().removeHandler(quiet)
+    if first:
+        atexit.register(stop_netron)
+    url = f"http://{host}:{port}"
+    print(f"Netron shows {path.name} at {url} (JupyterLab on another machine? forward the port first: "
+          f"ssh -N -L {port}:{host}:{port} you@that-machine)")
+    return IFrame(url, width="100%", height=height)
 
-    return IFrame(f"http://127.0.0.1:{port}", width="100%", height=height)
 
+def stop_netron() -> None:
+    """Chapter 1: stop the Netron server :func:`show_in_netron` started in this kernel (if any)."""
+    if _netron_address is not None:
+        from course_lib.env import require
 
-def stop_netron(port: int = 8081) -> None:
-    """Chapter 1: stop the Netron server started by :func:`show_in_netron`."""
-    from course_lib.env import require
-
-    require("netron", "viewing graphs").stop(("127.0.0.1", port))
+        require("netron", "viewing graphs").stop(_netron_address)

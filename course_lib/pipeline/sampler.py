@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from course_lib.progress import tqdm
 
 from course_lib.cnsd.contract import CONTROL_NAMES
 

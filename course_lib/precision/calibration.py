@@ -170,7 +170,7 @@ def capture_calibration(pipe, images: Sequence, prompts: Sequence[str], out_dir:
         process_kwargs: passed to ``process()`` (e.g. ``ddim_steps=20, image_resolution=256``).
     Returns the :class:`CalibrationSet` as loaded back from disk. The pipeline is left as it was.
     """
-    from tqdm import tqdm
+    from course_lib.progress import tqdm
 
     images, n = list(images), len(images)
     prompts, seeds = list(prompts), list(seeds)

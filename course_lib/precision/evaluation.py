@@ -87,7 +87,7 @@ def int8_accuracy(fp32_onnx, int8_onnx, feeds, name: str | None = None,
     """
     from pathlib import Path
 
-    from tqdm import tqdm
+    from course_lib.progress import tqdm
 
     ref, cand = _session(fp32_onnx, providers), _session(int8_onnx, providers)
     outputs = [o.name for o in ref.get_outputs()]

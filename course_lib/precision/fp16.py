@@ -130,7 +130,7 @@ def to_fp16_onnx(src_path, dst_path, keep_fp32_ops=KEEP_FP32_OPS, keep_fp32_node
         :class:`Fp16Result`. Raises FileNotFoundError (no source), ValueError (corrupt source, already
         FP16, bad argument), ``course_lib.env.MissingDependency`` (the chosen converter is missing).
     """
-    from tqdm import tqdm
+    from course_lib.progress import tqdm
 
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")

@@ -222,7 +222,7 @@ def _versions(method: str) -> dict[str, str]:
 def _progress_reader(reader, total: int | None, progress: bool):
     """The reader behind a tqdm bar that counts calibration samples."""
     from onnxruntime.quantization import CalibrationDataReader
-    from tqdm import tqdm
+    from course_lib.progress import tqdm
 
     class Counting(CalibrationDataReader):
         def __init__(self):

@@ -87,7 +87,7 @@ def _progress_monitor(trt):
     """A trt.IProgressMonitor drawing one tqdm bar per top-level build phase (None if unsupported)."""
     if not hasattr(trt, "IProgressMonitor"):
         return None
-    from tqdm import tqdm
+    from course_lib.progress import tqdm
 
     class TqdmMonitor(trt.IProgressMonitor):
         def __init__(self):

@@ -15,12 +15,13 @@
 # 7. on a GPU: run the plans, time them with and without CUDA graphs, and the harness for homework 2.
 #
 # Parts 1–4 run on a CPU with the `tiny` preset and need no TensorRT. Parts 5 and 6 need a TensorRT
-# *builder* (cells tagged `requires-trt-builder`): TensorRT for RTX (`pip install tensorrt-rtx`) builds on
-# a CPU, so they run on a laptop and in the course's CI; their stored outputs come from such a run (two
-# CPU cores, no GPU). Part 7 needs a GPU that runs the plans (`requires-gpu`, `requires-tensorrt`): where
-# there is none its cells are skipped, visibly.
+# *builder* (cells starting with `%%needs trt-builder`): TensorRT for RTX (`pip install tensorrt-rtx`)
+# builds on a CPU, so they run on a laptop and in the course's CI; their stored outputs come from such a
+# run (two CPU cores, no GPU). Part 7 needs a GPU that runs the plans (`%%needs gpu tensorrt`): on a
+# machine without one each of its cells prints one line saying so, and Run All goes on.
 
 # %% tags=["nbval-ignore-output"]
+# %load_ext course_lib.notebook
 from course_lib.env import detect
 
 print(detect().report())   # parts 5-6 need a TensorRT builder here, part 7 a GPU that runs the plans
@@ -41,7 +42,7 @@ tiny = get_config("tiny")
 model = build_cnsd(tiny, seed=0)
 out = Path("out/02_build")
 onnx_dir = out / "onnx"
-exports = export_cnsd(model, onnx_dir, height=128, width=192, progress=False)
+exports = export_cnsd(model, onnx_dir, height=128, width=192)
 print(sorted(p.name for p in onnx_dir.glob("*.onnx")))
 
 # %% [markdown]
@@ -61,7 +62,7 @@ photo = sample_photo(size=(128, 192))
 backends = {kind: make_backends(kind, model, onnx_dir=onnx_dir) for kind in ("torch", "ort")}
 images, latents = {}, {}
 for kind, chosen in backends.items():
-    pipe = Canny2Image(chosen, tokenizer, tiny, progress=False, record_latents=True)
+    pipe = Canny2Image(chosen, tokenizer, tiny, record_latents=True)
     images[kind] = pipe.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
     latents[kind] = pipe.last_latents
 step_err = [float((a - b).abs().max()) for a, b in zip(latents["torch"], latents["ort"])]
@@ -147,7 +148,7 @@ for bad in ({"latents": feed["latent"]}, {"latent": torch.zeros(1, 4, 32, 48)}):
 # %%
 mixed = {**backends["ort"], "clip": backends["torch"]["clip"]}
 print({name: type(b).__name__ for name, b in mixed.items()})
-pipe_mixed = Canny2Image(mixed, tokenizer, tiny, progress=False)
+pipe_mixed = Canny2Image(mixed, tokenizer, tiny)
 images["mixed"] = pipe_mixed.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
 print("mixed vs ONNX Runtime, max pixel difference <= 2:", max_pixel_diff(images["mixed"], images["ort"]) <= 2)
 
@@ -190,7 +191,7 @@ print(profile_table(static))
 from course_lib.trt import dynamic_profile
 
 dynamic = export_cnsd(model, out / "dynamic", height=128, width=192, dynamic={"B", "H", "W"},
-                      models=["controlnet"], progress=False)
+                      models=["controlnet"])
 dynamic_dims = onnx_input_dims(dynamic["controlnet"].path)
 print(dynamic_dims)
 flexible = dynamic_profile(dynamic_dims, min_size=(1, 128, 128), opt_size=(1, 128, 192), max_size=(2, 256, 384))
@@ -422,6 +423,7 @@ print("rows:", [r.name for r in rows], "| every max diff <= 2:", all(r.max_diff 
 # Where a flavour lacks something a cell asks for, the course says so in one sentence. Here:
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 from course_lib.trt.flavour import FEATURES, has_feature, label, require_tensorrt
 
 trt = require_tensorrt()
@@ -432,7 +434,7 @@ for feature, spec in FEATURES.items():
 # %% [markdown]
 # ## 6. Building the four plans
 #
-# The cells of this part need only a builder (`requires-trt-builder`). With TensorRT for RTX they run
+# The cells of this part need only a builder (`%%needs trt-builder`). With TensorRT for RTX they run
 # on any CPU — the outputs stored here come from two CPU cores without a GPU — with full TensorRT on a
 # GPU. They build the four plans from the ONNX files of part 1, the way the course's `onnx2trt` did,
 # with the TensorRT 10/11 API:
@@ -447,6 +449,7 @@ for feature, spec in FEATURES.items():
 # First the network as the parser sees it: how many layers, and of which types.
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 from course_lib.cnsd import MODEL_NAMES
 from course_lib.trt import inspect_onnx
 
@@ -460,14 +463,16 @@ for network in networks.values():
 # The builder fuses most of them away. Now the build itself:
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 from course_lib.trt import build_plans
 
 timing_cache = out / "timing.cache" if has_feature(trt, "timing_cache") else None   # full TensorRT only
 plan_dir = out / "plans"
 plans = build_plans(onnx_dir, plan_dir, profile="static", batch=1, height=128, width=192, opt_level=3,
-                    timing_cache=timing_cache, workspace_gib=2, progress=False)
+                    timing_cache=timing_cache, workspace_gib=2)
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 print(f"{'plan':<16}{'layers':>7}{'build s':>9}{'ONNX MiB':>10}{'plan MiB':>10}  target")
 for plan in plans:
     side = read_sidecar(plan)
@@ -478,6 +483,7 @@ print(f"all: opt level {side.builder_optimization_level}, workspace pool {side.w
       f"strongly typed {side.strongly_typed}, {label(trt)}")
 
 # %% tags=["requires-trt-builder"]
+# %%needs trt-builder
 sides = {plan.stem: read_sidecar(plan) for plan in plans}
 print("4 plans, each with its sidecar:", sorted(sides) == sorted(MODEL_NAMES))
 print("static profile at 1x128x192:", all(lo == opt == hi for s in sides.values() for lo, opt, hi in s.profiles[0].values()),
@@ -496,13 +502,14 @@ print("every plan holds its weights (at least the ONNX's size):",
 # measures both.
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 from course_lib.trt import FeatureMissing, build_engine_plan
 
 rebuild_cache = out / "rebuild.cache" if has_feature(trt, "timing_cache") else None
 if rebuild_cache is not None:
     rebuild_cache.unlink(missing_ok=True)
 rebuild_s = [build_engine_plan(onnx_dir / "controlnet.onnx", out / "rebuild" / "controlnet.plan", static, workspace_gib=2,
-                               timing_cache=rebuild_cache, progress=False).build_seconds for _ in range(2)]
+                               timing_cache=rebuild_cache).build_seconds for _ in range(2)]
 print(f"first build {rebuild_s[0]:.1f} s, second build {rebuild_s[1]:.1f} s "
       f"({'timing cache reused' if rebuild_cache else label(trt) + ': no timing cache, nothing to reuse'})")
 try:
@@ -515,8 +522,9 @@ except FeatureMissing as e:
 # 256×384): one plan for every shape in the box, tuned for `opt`. Its sidecar keeps the box.
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 dynamic_side = build_engine_plan(dynamic["controlnet"].path, out / "plans_dynamic" / "controlnet.plan", flexible,
-                                 workspace_gib=2, progress=False)
+                                 workspace_gib=2)
 static_side = sides["controlnet"]
 for kind, side, plan in (("static", static_side, plan_dir / "controlnet.plan"),
                          ("dynamic", dynamic_side, out / "plans_dynamic" / "controlnet.plan")):
@@ -529,6 +537,7 @@ for kind, side, plan in (("static", static_side, plan_dir / "controlnet.plan"),
 # `Det` (a matrix determinant) is a standard ONNX op that TensorRT has no layer for:
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 import onnx
 from onnx import TensorProto, helper
 
@@ -538,12 +547,13 @@ odd = helper.make_model(helper.make_graph(
     opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 onnx.save(odd, out / "odd.onnx")
 try:
-    build_engine_plan(out / "odd.onnx", out / "odd" / "odd.plan", progress=False)
+    build_engine_plan(out / "odd.onnx", out / "odd" / "odd.plan")
 except ValueError as e:
     parse_error = str(e)
     print("ValueError:", parse_error)
 
 # %% tags=["requires-trt-builder"]
+# %%needs trt-builder
 print("one line, naming node and op:", "\n" not in parse_error and "node 'determinant' (op Det)" in parse_error,
       "| nothing written:", not (out / "odd").exists())
 print("dynamic plan keeps its box:", dynamic_side.profiles[0]["hint"] == [[1, 3, 128, 128], [1, 3, 128, 192], [2, 3, 256, 384]])
@@ -553,9 +563,9 @@ print("a second build with the same settings gives the same plan size:",
 # %% [markdown]
 # ## 7. Running the plans (GPU)
 #
-# From here on every cell needs a GPU that runs the plans (`requires-gpu`, `requires-tensorrt`): full
-# TensorRT with the GPU that built them, or TensorRT for RTX with a GPU of compute capability 8.0, 8.6,
-# 8.9 or 12.0. **Unverified on an RTX GPU:** the course's machines have no such GPU (their H100s refuse
+# From here on every cell needs a GPU that runs the plans (`%%needs gpu tensorrt`; elsewhere each prints
+# one line instead): full TensorRT with the GPU that built them, or TensorRT for RTX with a GPU of
+# compute capability 8.0, 8.6, 8.9 or 12.0. **Unverified on an RTX GPU:** the course's machines have no such GPU (their H100s refuse
 # TensorRT for RTX plans), so these cells have run with full TensorRT only. With TensorRT for RTX, the
 # runtime config, the runtime cache and `tensorrt_graphs` are written against `tensorrt_rtx` 1.7.1's API,
 # and tests/test_trt_names.py checks every name they call on the installed module — but none of it has
@@ -567,6 +577,7 @@ print("a second build with the same settings gives the same plan size:",
 # `info()` lists them.
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 from course_lib.trt import Engine
 
 engine = Engine(plan_dir / "controlnet.plan").load().activate()
@@ -580,6 +591,7 @@ print(engine.info())
 # with the cache. Full TensorRT compiles nothing at load time; the cell says so.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 import time
 
 from course_lib.trt.runtime_config import runtime_cache_path
@@ -602,6 +614,7 @@ else:
 # so expect differences around 1e-3 of each output's scale, not 1e-6.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.onnx.compare import compare_outputs
 
 feed = example_inputs(table_128["controlnet"], seed=1)
@@ -611,6 +624,7 @@ trt_vs_ort = compare_outputs(backends["ort"]["controlnet"].infer(feed), trt_out,
 trt_vs_ort
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 print("13 controls compared:", len(trt_vs_ort.rows) == 13,
       "| max error relative to each output's scale < 1e-2:", max(r.max_rel for r in trt_vs_ort.rows) < 1e-2)
 
@@ -618,7 +632,8 @@ print("13 controls compared:", len(trt_vs_ort.rows) == 13,
 # The whole pipeline on TensorRT: `make_backends("trt", plan_dir=...)`, latents and hint on the GPU.
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
-pipe_trt = Canny2Image(make_backends("trt", plan_dir=plan_dir), tokenizer, tiny, device="cuda", progress=False,
+# %%needs gpu tensorrt
+pipe_trt = Canny2Image(make_backends("trt", plan_dir=plan_dir), tokenizer, tiny, device="cuda",
                        record_latents=True)
 images["trt"] = pipe_trt.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
 trt_step_err = [float((a - b).abs().max()) for a, b in zip(latents["torch"], pipe_trt.last_latents)]
@@ -637,15 +652,13 @@ plt.show()
 # so compare before the next call.
 
 # %% tags=["requires-gpu"]
-if not torch.cuda.is_available():
-    print("needs a CUDA GPU: skipped")
-else:
-    gpu_graph, gpu_actions, gpu_same = CudaGraph(step, "step on the GPU"), [], []
-    for k in range(4):
-        x = torch.randn(2, 4, device="cuda")
-        gpu_same.append(torch.allclose(gpu_graph(x, 2.0), step(x, 2.0)))
-        gpu_actions.append(gpu_graph.last_action)
-    print("calls:", ", ".join(gpu_actions), "| results as step() itself:", all(gpu_same))
+# %%needs gpu
+gpu_graph, gpu_actions, gpu_same = CudaGraph(step, "step on the GPU"), [], []
+for k in range(4):
+    x = torch.randn(2, 4, device="cuda")
+    gpu_same.append(torch.allclose(gpu_graph(x, 2.0), step(x, 2.0)))
+    gpu_actions.append(gpu_graph.last_action)
+print("calls:", ", ".join(gpu_actions), "| results as step() itself:", all(gpu_same))
 
 # %% [markdown]
 # **CUDA graph on and off.** The same plan, timed per call (`time_cpu`: warm-up excluded, the GPU
@@ -654,6 +667,7 @@ else:
 # measured 41.6 → 30.9 ms for the fp16 UNet on an RTX 3060.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.backends import TrtBackend
 from course_lib.cnsd import MODEL_NAMES
 from course_lib.timing import time_cpu
@@ -670,8 +684,11 @@ for name in MODEL_NAMES:
     print(f"{name:<11}{medians[0]:>10.3f}{medians[1]:>10.3f}{medians[0] / medians[1]:>9.2f}x")
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
+from course_lib.notebook import every
+
 print("every engine replays its graph after warm-up and capture:",
-      all(action == "replay" for action in graph_actions.values()))
+      every(action == "replay" for action in graph_actions.values()))
 
 # %% [markdown]
 # **Homework 2 harness.** Per engine: build at builder optimisation levels 0, 3 and 5 and time each with
@@ -680,6 +697,7 @@ print("every engine replays its graph after warm-up and capture:",
 # Building 3 levels × 4 engines takes a few minutes even for the tiny model.
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.trt.sweep import hw2_sweep, hw2_table, plot_hw2
 
 records = hw2_sweep(onnx_dir, out / "hw2", opt_levels=(0, 3, 5), height=128, width=192,
@@ -690,6 +708,7 @@ print(hw2_table(records))
 Image(filename=str(plot_hw2(records, out / "hw2" / "hw2.png")))
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 print("records (4 engines x 3 levels x graph off/on):", len(records) == 24,
       "| results saved:", (out / "hw2" / "hw2.json").is_file())
 
@@ -707,24 +726,27 @@ print("records (4 engines x 3 levels x graph off/on):", len(records) == 24,
 # `python -m course_lib submit --hw 1 --student YOUR_ID --seed YOUR_SEED --out hw1.zip` (and `--hw 2`).
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.homework.handin import write_hw1_evidence, write_hw2_evidence
 from course_lib.homework.submit import submit
 from course_lib.trt import build_plans
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
 student_model, hw1_onnx = build_cnsd(tiny, seed=SEED), Path("homework/hw1/onnx")
-export_cnsd(student_model, hw1_onnx, height=64, width=64, progress=False)
+export_cnsd(student_model, hw1_onnx, height=64, width=64)
 build_plans(hw1_onnx, out / "hw1_plans", profile="static", batch=1, height=64, width=64, opt_level=3,
-            timing_cache=timing_cache, workspace_gib=2, progress=False)
-write_hw1_evidence(student_model, "homework", height=64, width=64, plan_dir=out / "hw1_plans", export=False,
-                   progress=False)
+            timing_cache=timing_cache, workspace_gib=2)
+write_hw1_evidence(student_model, "homework", height=64, width=64, plan_dir=out / "hw1_plans", export=False)
 write_hw2_evidence(out / "hw2", "homework")      # <- or the FP16 sweep's folder
-hand_in = {hw: submit(hw, STUDENT, SEED, out=None, progress=False) for hw in ("1", "2")}
+hand_in = {hw: submit(hw, STUDENT, SEED, out=None) for hw in ("1", "2")}
 for dry_run in hand_in.values():
     print(dry_run.report(outputs=True))
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
-print("homework 1 and 2 ready to hand in:", all(dry_run.passed for dry_run in hand_in.values()))
+# %%needs gpu tensorrt
+from course_lib.notebook import every
+
+print("homework 1 and 2 ready to hand in:", every(dry_run.passed for dry_run in hand_in.values()))
 
 # %% [markdown]
 # ## Exercises
@@ -767,7 +789,7 @@ class CountingBackend:
 
 
 counted = {name: CountingBackend(b) for name, b in backends["ort"].items()}
-Canny2Image(counted, tokenizer, tiny, progress=False).process(photo, "a bird", image_resolution=128, ddim_steps=4)
+Canny2Image(counted, tokenizer, tiny).process(photo, "a bird", image_resolution=128, ddim_steps=4)
 calls = {name: b.calls for name, b in counted.items()}
 assert isinstance(counted["unet"], Backend)
 assert calls == {"clip": 2, "controlnet": 8, "unet": 8, "decoder": 1}, calls

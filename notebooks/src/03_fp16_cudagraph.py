@@ -21,6 +21,7 @@
 # what breaks:
 
 # %%
+# %load_ext course_lib.notebook
 import torch
 
 f16 = torch.finfo(torch.float16)
@@ -78,20 +79,18 @@ print("CLIP softmax inputs reach the -1e4 mask:", max(r.max_abs for r in clip_so
       "| and stay in fp16 range:", max(r.max_abs for r in clip_softmax) < 65504)
 
 # %% tags=["requires-gpu", "nbval-ignore-output"]
+# %%needs gpu
 # GPU machine: the same survey on the real model (pass your checkpoint path) at the course's size.
 from course_lib.cnsd import load_checkpoint  # noqa: E402
 
-if not torch.cuda.is_available():
-    print("needs a CUDA GPU: skipped")
-else:
-    sd15 = build_cnsd(get_config("sd15"), seed=0)
-    # load_checkpoint("control_sd15_canny.pth", sd15)   # <- with the real weights the picture changes
-    sd15 = sd15.cuda()
-    sd15_feed = {k: v.cuda() for k, v in example_inputs(contracts(sd15.config)["unet"], seed=1).items()}
-    sd15_unet = survey_ranges(sd15.positional("unet"), sd15_feed, title="sd15 UNet (random weights)")
-    print(sd15_unet.summary())
-    plot_ranges(sd15_unet)
-    plt.show()
+sd15 = build_cnsd(get_config("sd15"), seed=0)
+# load_checkpoint("control_sd15_canny.pth", sd15)   # <- with the real weights the picture changes
+sd15 = sd15.cuda()
+sd15_feed = {k: v.cuda() for k, v in example_inputs(contracts(sd15.config)["unet"], seed=1).items()}
+sd15_unet = survey_ranges(sd15.positional("unet"), sd15_feed, title="sd15 UNet (random weights)")
+print(sd15_unet.summary())
+plot_ranges(sd15_unet)
+plt.show()
 
 # %% [markdown]
 # ## 3. An FP16 ONNX, strongly typed
@@ -109,8 +108,8 @@ from course_lib.onnx.export_cnsd import export_cnsd
 from course_lib.precision.fp16 import precision_report, to_fp16_onnx
 
 out = Path("out/03_fp16")
-fp32 = export_cnsd(model, out / "fp32", height=128, width=192, progress=False)
-fp16 = {name: to_fp16_onnx(result.path, out / "fp16" / f"{name}.onnx", progress=False)
+fp32 = export_cnsd(model, out / "fp32", height=128, width=192)
+fp16 = {name: to_fp16_onnx(result.path, out / "fp16" / f"{name}.onnx")
         for name, result in fp32.items()}
 report = precision_report(fp16["unet"].path)
 print(report)
@@ -157,8 +156,7 @@ from course_lib.onnx.compare import layerwise_compare
 from course_lib.precision.fp16 import KEEP_FP32_OPS
 
 naive_ops = tuple(op for op in KEEP_FP32_OPS if op not in ("Sin", "Cos"))
-naive = to_fp16_onnx(fp32["controlnet"].path, out / "naive" / "controlnet.onnx", keep_fp32_ops=naive_ops,
-                     progress=False)
+naive = to_fp16_onnx(fp32["controlnet"].path, out / "naive" / "controlnet.onnx", keep_fp32_ops=naive_ops)
 feed = example_inputs(small["controlnet"], seed=3)
 feed["timestep"][:] = 951                       # a late DDIM timestep: t * freq is large
 naive_layers = layerwise_compare(fp32["controlnet"].path, naive.path, feed, rtol=1e-2, atol=1e-2)
@@ -193,7 +191,7 @@ from course_lib.samples import sample_photo
 from course_lib.score import max_pixel_diff, psnr
 
 photo = sample_photo(size=(128, 192))
-pipe = Canny2Image.from_torch(model, byte_level_tokenizer(), progress=False)
+pipe = Canny2Image.from_torch(model, byte_level_tokenizer())
 separate = pipe.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
 pipe.eps = GuidedEps("batched")
 batched = pipe.process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
@@ -241,12 +239,12 @@ from course_lib.backends import make_backends
 from course_lib.pipeline.eps import HintOnce, ReuseEps
 
 ort_backends = make_backends("ort", onnx_dir=out / "fp32")
-reuse = {kind: Canny2Image(backends, byte_level_tokenizer(), tiny, progress=False, eps=ReuseEps(every=4))
+reuse = {kind: Canny2Image(backends, byte_level_tokenizer(), tiny, eps=ReuseEps(every=4))
          .process(photo, "a bird", image_resolution=128, ddim_steps=20)[0]
          for kind, backends in (("torch", pipe.backends), ("ort", ort_backends))}
 print("reuse-eps4 on ONNX Runtime = on torch (max pixel difference <= 2):", max_pixel_diff(reuse["ort"], reuse["torch"]) <= 2)
 try:
-    Canny2Image(ort_backends, byte_level_tokenizer(), tiny, progress=False, eps=HintOnce(model)) \
+    Canny2Image(ort_backends, byte_level_tokenizer(), tiny, eps=HintOnce(model)) \
         .process(photo, "a bird", image_resolution=128, ddim_steps=1)
     hint_once_error = None
 except ValueError as e:
@@ -279,22 +277,20 @@ print("hint once on ONNX Runtime:", hint_once_error.split(";")[0])
 # On the GPU machine, the sd15 UNet with and without its graph:
 
 # %% tags=["requires-gpu", "nbval-ignore-output"]
-if not torch.cuda.is_available():
-    print("needs a CUDA GPU: skipped")
-else:
-    from course_lib.cudagraph import CudaGraph
-    from course_lib.timing import summarize, time_cuda
+# %%needs gpu --see docs/benchmarks.md, "Chapter 3" (the pipeline with and without CUDA graphs on an H100)
+from course_lib.cudagraph import CudaGraph  # noqa: E402
+from course_lib.timing import summarize, time_cuda  # noqa: E402
 
-    gpu_model = sd15.half()                             # the sd15 model of section 2, now in fp16
-    unet_feed = {k: (v.half() if v.is_floating_point() else v).cuda()
-                 for k, v in example_inputs(contracts(gpu_model.config, batch=2)["unet"], seed=0).items()}
-    unet = gpu_model.positional("unet")
-    with torch.inference_mode():
-        eager = summarize(time_cuda(lambda: unet(*unet_feed.values()), warmup=3, iters=20))
-        graphed_unet = CudaGraph(unet, "sd15 UNet")       # warm-up and capture happen in time_cuda's warm-up
-        graphed = summarize(time_cuda(lambda: graphed_unet(*unet_feed.values()), warmup=3, iters=20))
-    print(f"sd15 UNet fp16, batch 2, 256x384: eager {eager['median']:.1f} ms, CUDA graph {graphed['median']:.1f} ms "
-          f"({graphed_unet.last_action})")
+gpu_model = sd15.half()                             # the sd15 model of section 2, now in fp16
+unet_feed = {k: (v.half() if v.is_floating_point() else v).cuda()
+             for k, v in example_inputs(contracts(gpu_model.config, batch=2)["unet"], seed=0).items()}
+unet = gpu_model.positional("unet")
+with torch.inference_mode():
+    eager = summarize(time_cuda(lambda: unet(*unet_feed.values()), warmup=3, iters=20))
+    graphed_unet = CudaGraph(unet, "sd15 UNet")       # warm-up and capture happen in time_cuda's warm-up
+    graphed = summarize(time_cuda(lambda: graphed_unet(*unet_feed.values()), warmup=3, iters=20))
+print(f"sd15 UNet fp16, batch 2, 256x384: eager {eager['median']:.1f} ms, CUDA graph {graphed['median']:.1f} ms "
+      f"({graphed_unet.last_action})")
 
 # %% [markdown]
 # ## 7. The H100 benchmark
@@ -343,6 +339,7 @@ plt.show()
 # with TensorRT for RTX) and time them on a GPU.
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 from course_lib.trt import inspect_onnx  # noqa: E402
 from course_lib.trt.build import build_engine_plan  # noqa: E402
 from course_lib.trt.profiles import onnx_input_dims, shapes_at, static_profile  # noqa: E402
@@ -351,40 +348,36 @@ plans = {}
 for name in ("controlnet", "unet"):
     onnx_path = fp16[name].path
     profile = static_profile(shapes_at(onnx_input_dims(onnx_path), batch=1, height=128, width=192))
-    plans[name] = build_engine_plan(onnx_path, out / "plans" / f"{name}_fp16.plan", profile, workspace_gib=2,
-                                    progress=False)
+    plans[name] = build_engine_plan(onnx_path, out / "plans" / f"{name}_fp16.plan", profile, workspace_gib=2)
     fp32_net = inspect_onnx(fp32[name].path)
     print(f"{name}: {plans[name].precision}, {plans[name].extra['layers']} layers "
           f"({fp32_net.layers} from the fp32 ONNX), CAST layers {plans[name].extra['layer_types'].get('CAST', 0)} "
           f"(fp32: {fp32_net.count('CAST')}), built in {plans[name].build_seconds:.1f} s")
 
 # %% tags=["requires-trt-builder"]
+# %%needs trt-builder
 print("FP16 plans, strongly typed, precision from the ONNX:",
       all(p.strongly_typed and p.precision.startswith("as in the ONNX (float16") for p in plans.values()))
 
 # %% [markdown]
-# Those two cells need only a TensorRT builder (`requires-trt-builder`): TensorRT for RTX builds the FP16
+# Those two cells need only a TensorRT builder (`%%needs trt-builder`): TensorRT for RTX builds the FP16
 # plans on a CPU, and the stored outputs come from such a run. Timing them needs a GPU that runs them
 # (with TensorRT for RTX: unverified, the course's machines have no RTX-class GPU).
 
 # %% tags=["requires-tensorrt", "requires-gpu", "nbval-ignore-output"]
-from course_lib.env import detect  # noqa: E402
+# %%needs gpu tensorrt
+from course_lib.timing import summarize, time_cuda  # noqa: E402
+from course_lib.trt.engine import Engine  # noqa: E402
 
-if not detect().has_tensorrt:
-    print("needs a CUDA GPU and a TensorRT that runs plans on it: skipped")
-else:
-    from course_lib.timing import summarize, time_cuda
-    from course_lib.trt.engine import Engine
-
-    for name in plans:
-        engine = Engine(out / "plans" / f"{name}_fp16.plan")
-        engine.load()
-        engine.activate()
-        engine.allocate_buffers()
-        feed = {k: v.cuda() for k, v in example_inputs(small[name], seed=4).items()}
-        for graph in (False, True):
-            t = summarize(time_cuda(lambda: engine.infer(feed, use_cuda_graph=graph), warmup=3, iters=50))
-            print(f"{name} fp16 engine, CUDA graph {graph}: {t['median']:.3f} ms ({engine.last_action})")
+for name in plans:
+    engine = Engine(out / "plans" / f"{name}_fp16.plan")
+    engine.load()
+    engine.activate()
+    engine.allocate_buffers()
+    feed = {k: v.cuda() for k, v in example_inputs(small[name], seed=4).items()}
+    for graph in (False, True):
+        t = summarize(time_cuda(lambda: engine.infer(feed, use_cuda_graph=graph), warmup=3, iters=50))
+        print(f"{name} fp16 engine, CUDA graph {graph}: {t['median']:.3f} ms ({engine.last_action})")
 
 # %% [markdown]
 # ## Self-check

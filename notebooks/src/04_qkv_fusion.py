@@ -15,11 +15,12 @@
 #    on TensorRT where you have it;
 # 6. run homework 3's check on your fused model and on your fused ONNX files.
 #
-# Everything runs on a CPU with the **tiny** preset. Section 5's TensorRT cells are tagged
-# `requires-tensorrt` and skipped where TensorRT is missing; building the plans needs only a builder
-# (`requires-trt-builder`: TensorRT for RTX on any CPU).
+# Everything runs on a CPU with the **tiny** preset. Section 5's TensorRT cells start with
+# `%%needs gpu tensorrt` and print one line instead where those are missing; building the plans needs
+# only a builder (`%%needs trt-builder`: TensorRT for RTX on any CPU).
 
 # %% tags=["nbval-ignore-output"]
+# %load_ext course_lib.notebook
 from course_lib.env import detect
 
 print(detect().report())
@@ -254,11 +255,9 @@ print("fused after loading, parity passes:", fixed_table.passed,
 from course_lib.onnx.export_cnsd import export_cnsd
 
 unfuse_qkv(model)
-exports = {"unfused": export_cnsd(model, out / "unfused", height=64, width=64, models=["controlnet", "unet"],
-                                  progress=False)}
+exports = {"unfused": export_cnsd(model, out / "unfused", height=64, width=64, models=["controlnet", "unet"])}
 fuse_qkv(model)
-exports["fused"] = export_cnsd(model, out / "fused", height=64, width=64, models=["controlnet", "unet"],
-                               progress=False)
+exports["fused"] = export_cnsd(model, out / "fused", height=64, width=64, models=["controlnet", "unet"])
 print({version: sorted(str(r.path) for r in files.values()) for version, files in exports.items()})
 
 # %%
@@ -314,9 +313,10 @@ print("rows:", len(parity.rows), "| all pass at rtol 1e-3, atol 1e-5:", parity.p
 # %% [markdown]
 # Netron shows it best: open the fused ControlNet and follow an `attn1` block — one `MatMul` with a
 # (32 × 96) weight feeding a `Split` (the tiny level-1 layer: C = 32, so 3C = 96). The cell starts a
-# local server and is tagged `interactive`, so the test run skips it.
+# local Netron server on a free port, as in chapter 1.
 
-# %% tags=["interactive"]
+# %% tags=["nbval-ignore-output"]
+# %%needs netron
 from course_lib.onnx.graph import show_in_netron
 
 show_in_netron(exports["fused"]["controlnet"].path)
@@ -409,11 +409,12 @@ plt.show()
 # ### On TensorRT
 #
 # First what TensorRT's parser makes of the four files, and a plan from each (static 64×64: the ONNX
-# fixes every shape). That needs only a builder (`requires-trt-builder`: TensorRT for RTX on any CPU;
+# fixes every shape). That needs only a builder (`%%needs trt-builder`: TensorRT for RTX on any CPU;
 # the stored outputs come from such a run). The parsed networks' `MATRIX_MULTIPLY` layers drop by
 # exactly the MatMuls the census above counted.
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 from course_lib.trt import inspect_onnx
 from course_lib.trt.build import build_engine_plan
 
@@ -424,9 +425,10 @@ for (name, version), network in parsed.items():
     print(f"{name:<11}{version:<9}{network.layers:>8}{network.count('MATRIX_MULTIPLY'):>17}")
 for version, files in exports.items():
     for name in ("controlnet", "unet"):
-        build_engine_plan(files[name].path, out / "plans" / f"{name}_{version}.plan", workspace_gib=2, progress=False)
+        build_engine_plan(files[name].path, out / "plans" / f"{name}_{version}.plan", workspace_gib=2)
 
 # %% tags=["requires-trt-builder"]
+# %%needs trt-builder
 layers_saved = {name: parsed[name, "unfused"].count("MATRIX_MULTIPLY") - parsed[name, "fused"].count("MATRIX_MULTIPLY")
                 for name in ("controlnet", "unet")}
 matmuls_saved = {name: counts[name, "unfused"][0]["total"] - counts[name, "fused"][0]["total"] for name in layers_saved}
@@ -439,6 +441,7 @@ print("4 plans built:", all((out / "plans" / f"{n}_{v}.plan").is_file() for n in
 # (with TensorRT for RTX: unverified, the course's machines have no RTX-class GPU).
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 import numpy as np
 
 from course_lib.timing import time_cpu
@@ -457,6 +460,7 @@ for version, samples in trt_ms.items():
 print(f"speed-up unfused/fused: x{np.median(trt_ms['unfused']) / np.median(trt_ms['fused']):.3f}")
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 trt_parity = compare_outputs(trt_out["unfused"], trt_out["fused"], rtol=1e-2, atol=1e-3)
 print("fused and unfused engines agree (rtol 1e-2, atol 1e-3):", trt_parity.passed)
 
@@ -545,8 +549,8 @@ SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor i
 student_model = build_cnsd(tiny, seed=SEED)      # (sd15: your checkpoint-loaded model)
 print(fuse_qkv(student_model))
 student_timing = time_attention(student_model, "controlnet", height=64, width=64, repeats=3)
-write_hw3_evidence(student_model, "homework", height=64, width=64, timing=student_timing, progress=False)
-dry_run = submit("3", STUDENT, SEED, out=None, progress=False)
+write_hw3_evidence(student_model, "homework", height=64, width=64, timing=student_timing)
+dry_run = submit("3", STUDENT, SEED, out=None)
 print(dry_run.report())
 
 # %% [markdown]

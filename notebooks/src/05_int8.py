@@ -13,10 +13,11 @@
 # 5. try SmoothQuant, the trick that tames activation outliers.
 #
 # Everything runs on a CPU with the `tiny` preset at 64×64 and 2 DDIM steps. The TensorRT INT8 vs FP16
-# comparison at the end is tagged `requires-tensorrt`; building its plans only `requires-trt-builder`
-# (TensorRT for RTX builds them on a CPU).
+# comparison at the end needs a GPU with TensorRT (`%%needs gpu tensorrt`; elsewhere one line says so);
+# building its plans only a builder (`%%needs trt-builder`: TensorRT for RTX builds them on a CPU).
 
 # %% tags=["nbval-ignore-output"]
+# %load_ext course_lib.notebook
 from course_lib.env import detect
 
 print(detect().report())   # part 6 needs "TensorRT" and a "CUDA GPU" here
@@ -114,7 +115,7 @@ SIZE, STEPS = 64, 2
 tiny = get_config("tiny")
 model = build_cnsd(tiny, seed=0)
 out = Path("out/05_int8")
-exports = export_cnsd(model, out / "fp32", height=SIZE, width=SIZE, progress=False)
+exports = export_cnsd(model, out / "fp32", height=SIZE, width=SIZE)
 fp32 = {name: result.path for name, result in exports.items()}
 print({name: path.name for name, path in fp32.items()})
 
@@ -133,10 +134,9 @@ photos = [photo, np.ascontiguousarray(photo[:, ::-1]), np.ascontiguousarray(phot
 prompts = ["a bird", "a bird on a branch", "a painting of a bird"]
 seeds = [1, 2, 3]
 tokenizer = byte_level_tokenizer()
-pipe_torch = Canny2Image.from_torch(model, tokenizer, progress=False)
+pipe_torch = Canny2Image.from_torch(model, tokenizer)
 calib = capture_calibration(pipe_torch, photos, prompts, out / "calib_data", seeds=seeds, overwrite=True,
-                            models=["controlnet", "unet"], image_resolution=SIZE, ddim_steps=STEPS,
-                            progress=False)
+                            models=["controlnet", "unet"], image_resolution=SIZE, ddim_steps=STEPS)
 for run in calib.manifest["runs"]:
     print({k: v for k, v in run.items() if k in ("run", "prompt", "seed")})
 for name in calib.models:
@@ -178,7 +178,7 @@ for name in ("controlnet", "unet"):
     sensitive = sensitive_nodes(fp32[name])
     kept = {g: sensitive[g] for g in ("time_embed", "first_last_conv")}
     result = quantize_int8(fp32[name], out / "int8" / f"{name}.int8.onnx", calib.reader(name, runs=[0, 1]),
-                           method="ort", exclude_nodes=kept, progress=False)
+                           method="ort", exclude_nodes=kept)
     int8[name] = result.path
     print(f"{name:<11}calibrated on {result.samples} samples, {len(result.excluded_nodes)} nodes kept float")
 
@@ -227,7 +227,7 @@ print(f"{len(asym_report.problems)} problems, the first:", asym_report.problems[
 # %% tags=["nbval-ignore-output"]
 from course_lib.precision.evaluation import AccuracyTable, compare_images, int8_accuracy
 
-tables = [int8_accuracy(fp32[name], int8[name], calib.reader(name, runs=[2]), name=name, progress=False)
+tables = [int8_accuracy(fp32[name], int8[name], calib.reader(name, runs=[2]), name=name)
           for name in ("controlnet", "unet")]
 accuracy = AccuracyTable.combine(tables)
 print(accuracy)
@@ -250,8 +250,8 @@ from course_lib.backends import OrtBackend
 backends32 = {name: OrtBackend(path, providers=["CPUExecutionProvider"]) for name, path in fp32.items()}
 backends8 = {**backends32, **{name: OrtBackend(path, providers=["CPUExecutionProvider"]) for name, path in int8.items()}}
 args = dict(image_resolution=SIZE, ddim_steps=STEPS, seed=seeds[2])
-image32 = Canny2Image(backends32, tokenizer, tiny, progress=False).process(photos[2], prompts[2], **args)[0]
-image8 = Canny2Image(backends8, tokenizer, tiny, progress=False).process(photos[2], prompts[2], **args)[0]
+image32 = Canny2Image(backends32, tokenizer, tiny).process(photos[2], prompts[2], **args)[0]
+image8 = Canny2Image(backends8, tokenizer, tiny).process(photos[2], prompts[2], **args)[0]
 fig, axes = plt.subplots(1, 2, figsize=(5, 2.6))
 for ax, img, title in zip(axes, (image32, image8), ("fp32", "INT8 ControlNet + UNet")):
     ax.imshow(img)
@@ -306,12 +306,14 @@ fig = plot_channel_ranges(before[layer], after[layer], title=layer)
 plt.show()
 
 # %%
+from course_lib.notebook import every     # all(), but "nothing to check" when there are no layers
+
 args_t = [torch.as_tensor(v) for v in feeds[0].values()]
 with torch.no_grad():
     diff = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(net(*args_t), smoothed(*args_t)))
 print("same function (relative difference < 1e-4):", diff < 1e-4)
 print("outliers at least halved in every smoothed layer:",
-      all(outlier_ratio(after[n]) < 0.5 * outlier_ratio(before[n]) for n in scales))
+      every(outlier_ratio(after[n]) < 0.5 * outlier_ratio(before[n]) for n in scales))
 
 # %% [markdown]
 # To use it for INT8: smooth the torch model, export it, calibrate and quantize as in parts 2–3. The
@@ -351,33 +353,35 @@ print(f"INT8 / fp32 median: {latency['int8'].median_ms / latency['fp32'].median_
 # is built from the fp32 file the same way. TensorRT 11 and TensorRT for RTX have no such flag: their
 # networks are strongly typed, every layer runs in the ONNX's own type, so the FP16 engine comes from
 # chapter 3's FP16 ONNX and the INT8 file's unquantized layers stay fp32 (ModelOpt's
-# `high_precision="fp16"` would make them FP16). Building needs only a builder (`requires-trt-builder`):
+# `high_precision="fp16"` would make them FP16). Building needs only a builder (`%%needs trt-builder`):
 # TensorRT for RTX builds both files on a CPU — the stored outputs come from such a run. Whether its
 # just-in-time compiler then runs INT8 kernels on an RTX GPU is unverified here (no RTX-class GPU).
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 from course_lib.precision.fp16 import to_fp16_onnx
 from course_lib.trt.build import build_engine_plan
 from course_lib.trt.flavour import has_feature, require_tensorrt
 
 weak_fp16 = has_feature(require_tensorrt(), "fp16_flag")          # TensorRT 10: the FP16 builder flag
-fp16_unet = fp32["unet"] if weak_fp16 else to_fp16_onnx(fp32["unet"], out / "fp16" / "unet.onnx", progress=False).path
+fp16_unet = fp32["unet"] if weak_fp16 else to_fp16_onnx(fp32["unet"], out / "fp16" / "unet.onnx").path
 plans, int8_plans = {}, {}
 for kind, path in (("fp16", fp16_unet), ("int8", int8["unet"])):
     plans[kind] = out / "plans" / f"unet.{kind}.plan"
-    side = build_engine_plan(path, plans[kind], workspace_gib=2, strongly_typed=not weak_fp16, fp16_flag=weak_fp16,
-                             progress=False)
+    side = build_engine_plan(path, plans[kind], workspace_gib=2, strongly_typed=not weak_fp16, fp16_flag=weak_fp16)
     int8_plans[kind] = side
     layers = side.extra["layer_types"]
     print(f"unet {kind}: {side.extra['layers']} layers (QUANTIZE {layers.get('QUANTIZE', 0)}, DEQUANTIZE "
           f"{layers.get('DEQUANTIZE', 0)}, CAST {layers.get('CAST', 0)}), {side.precision}, {side.build_seconds:.1f} s")
 
 # %% tags=["requires-trt-builder"]
+# %%needs trt-builder
 qdq_layers = int8_plans["int8"].extra["layer_types"]
 print("the Q/DQ UNet builds, its pairs parsed as QUANTIZE/DEQUANTIZE layers:",
       plans["int8"].is_file() and qdq_layers.get("QUANTIZE", 0) > 0 and qdq_layers.get("DEQUANTIZE", 0) > 0)
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.timing import summarize, time_cuda
 from course_lib.trt.engine import Engine
 
@@ -445,8 +449,8 @@ from course_lib.homework.handin import write_int8_evidence
 from course_lib.homework.submit import submit
 
 SEED, STUDENT = 0, "your-id"                     # <- the seed your instructor issued, your ID
-write_int8_evidence(build_cnsd(tiny, seed=SEED), "homework", height=SIZE, width=SIZE, steps=STEPS, progress=False)
-dry_run = submit("int8", STUDENT, SEED, out=None, progress=False)
+write_int8_evidence(build_cnsd(tiny, seed=SEED), "homework", height=SIZE, width=SIZE, steps=STEPS)
+dry_run = submit("int8", STUDENT, SEED, out=None)
 print(dry_run.report())
 
 # %% [markdown]

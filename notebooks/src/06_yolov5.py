@@ -13,6 +13,7 @@
 # we test, the boxes mean nothing. Section 4 shows how your own trained weights load.
 
 # %% tags=["nbval-ignore-output"]
+# %load_ext course_lib.notebook
 from course_lib.env import detect
 
 print(detect().report())   # section 6 needs a CUDA GPU and TensorRT
@@ -83,10 +84,9 @@ from course_lib.yolov5 import INPUT_NAME, OUTPUT_NAME
 
 out = Path("out/06_yolov5")
 images, box = PreProcessor(640, channel_order="rgb")(photo)
-static = export_onnx(model, {INPUT_NAME: images}, out / "yolov5n_640.onnx", output_names=[OUTPUT_NAME],
-                     progress=False)
+static = export_onnx(model, {INPUT_NAME: images}, out / "yolov5n_640.onnx", output_names=[OUTPUT_NAME])
 dynamic = export_onnx(model, {INPUT_NAME: images}, out / "yolov5n_640_dynamic.onnx", output_names=[OUTPUT_NAME],
-                      dynamic_axes={INPUT_NAME: {0: "B"}, OUTPUT_NAME: {0: "B"}}, progress=False)
+                      dynamic_axes={INPUT_NAME: {0: "B"}, OUTPUT_NAME: {0: "B"}})
 for result in (static, dynamic):
     print(f"{result.path.name:<25} {result.inputs[0].name} {result.inputs[0].shape} -> "
           f"{result.outputs[0].name}, batch axis: {result.outputs[0].shape[0]}")
@@ -202,36 +202,39 @@ print("per-axis stretch", buggy.round(1), "<- shifted by the padding and squeeze
 #
 # We export the course's shape, 1120, statically, make an FP16 copy with `to_fp16_onnx`, build one
 # engine from each and compare them with ONNX Runtime on the same photo. The build cells run wherever
-# a TensorRT builder is (TensorRT for RTX: any CPU); the others where a CUDA GPU runs the plans (the CPU
-# test run skips them).
+# a TensorRT builder is (TensorRT for RTX: any CPU); the others where a CUDA GPU runs the plans
+# (elsewhere each prints one line).
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
+# %%needs trt-builder
 from course_lib.precision.fp16 import to_fp16_onnx
 from course_lib.trt.build import build_engine_plan
 
-onnx_1120 = export_onnx(model, {INPUT_NAME: images_1120}, out / "yolov5n_1120.onnx", output_names=[OUTPUT_NAME],
-                        progress=False).path
-onnx_1120_fp16 = to_fp16_onnx(onnx_1120, out / "yolov5n_1120_fp16.onnx", progress=False).path
+onnx_1120 = export_onnx(model, {INPUT_NAME: images_1120}, out / "yolov5n_1120.onnx", output_names=[OUTPUT_NAME]).path
+onnx_1120_fp16 = to_fp16_onnx(onnx_1120, out / "yolov5n_1120_fp16.onnx").path
 yolo_plans = {}
 for name, path in (("fp32", onnx_1120), ("fp16", onnx_1120_fp16)):
-    yolo_plans[name] = build_engine_plan(path, out / f"yolov5n_1120_{name}.plan", workspace_gib=2, progress=False)
+    yolo_plans[name] = build_engine_plan(path, out / f"yolov5n_1120_{name}.plan", workspace_gib=2)
     print(f"yolov5n {name}: {yolo_plans[name].extra['layers']} layers, {yolo_plans[name].precision}, "
           f"built in {yolo_plans[name].build_seconds:.1f} s, {yolo_plans[name].target}")
 
 # %% tags=["requires-trt-builder"]
+# %%needs trt-builder
 print("fp32 and fp16 plans built:", all((out / f"yolov5n_1120_{name}.plan").is_file() for name in yolo_plans))
 
 # %% [markdown]
-# The build needs only a TensorRT builder (`requires-trt-builder`; TensorRT for RTX on any CPU). Running
+# The build needs only a TensorRT builder (`%%needs trt-builder`; TensorRT for RTX on any CPU). Running
 # the plans needs a GPU that runs them (with TensorRT for RTX: unverified here, no RTX-class GPU).
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 from course_lib.trt.engine import Engine
 
 engines = {name: Engine(out / f"yolov5n_1120_{name}.plan").load().activate() for name in yolo_plans}
 print(engines["fp32"].info())
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 reference = run_ort(onnx_1120, {INPUT_NAME: images_1120})[OUTPUT_NAME]
 feed = {INPUT_NAME: images_1120.cuda()}
 trt_checks = {}
@@ -240,10 +243,12 @@ for name, engine in engines.items():
     print(f"--- ONNX Runtime fp32 vs TensorRT {name}\n{trt_checks[name].table()}\n")
 
 # %% tags=["requires-gpu", "requires-tensorrt"]
+# %%needs gpu tensorrt
 print("fp32 engine detections agree:", trt_checks["fp32"].detections_agree,
       "| fp16 engine no NaN/Inf:", trt_checks["fp16"].nonfinite_candidate == 0)
 
 # %% tags=["requires-gpu", "requires-tensorrt", "nbval-ignore-output"]
+# %%needs gpu tensorrt
 from course_lib.timing import summarize, time_cuda
 
 for name, engine in engines.items():
