@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from course_lib.cli.args import out_folder, positive_float, positive_int, seed_int, suffixed
 from course_lib.cli.common import load_model, say
 from course_lib.homework.safezip import ZipLimits
 
@@ -89,14 +90,14 @@ def add_commands(sub) -> None:
     h.add_argument("--hw", required=True, choices=["1", "2", "3", "int8"])
     h.add_argument("--student", required=True, help="your ID (letters, digits, '.', '_', '-')")
     h.add_argument("--seed", type=int, default=0, help="the seed your instructor issued")
-    h.add_argument("--out", help="the zip to write (default: only run the checks and list the files)")
+    h.add_argument("--out", type=suffixed(".zip"), help="the zip to write (default: only run the checks and list the files)")
     h.add_argument("--work", default="homework", help="folder with hw1/, hw2/, hw3/, int8/ (default: homework)")
     h.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
     h.add_argument("--checkpoint", help="sd15: control_sd15_canny.pth or .safetensors, the reference for the tests")
 
     g = sub.add_parser("grade", help="instructors: grade a folder of submission zips on a CPU machine")
     g.add_argument("submissions", help="folder of *.zip")
-    g.add_argument("--out", required=True, help="results folder: <student>/results.json and summary.csv")
+    g.add_argument("--out", required=True, type=out_folder, help="results folder: <student>/results.json and summary.csv")
     g.add_argument("--roster", help="CSV student,seed of the seeds you issued")
     g.add_argument("--salt", default="", help="a secret mixed into the seeds of the re-check inputs")
     g.add_argument("--require-gpu", action="store_true", help="GPU evidence (engines) counts towards the score")
