@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from course_lib.cli.args import out_folder, positive_float, positive_int, seed_int, suffixed
+from course_lib.cli.args import out_folder, positive_float, suffixed
 from course_lib.cli.common import load_model, say
-from course_lib.homework.safezip import ZipLimits
+from course_lib.homework.safezip import MAX_MEMORY_MB, TIMEOUT_S, ZipLimits
 
 
 def cmd_submit(args) -> int:
@@ -76,7 +76,7 @@ def cmd_grade(args) -> int:
     roster = read_roster(args.roster) if args.roster else None
     results = grade_folder(args.submissions, args.out, roster=roster, salt=args.salt, require_gpu=args.require_gpu,
                            points=_read_points(args.points), limits=limits, keep=args.keep,
-                           progress=not args.quiet)
+                           timeout=args.timeout, max_memory_mb=args.max_memory_mb, progress=not args.quiet)
     for row in map(summary_row, results):
         say(f"{row['student'] or row['zip']:<20} hw {row['homework']}: {row['score']:g} / {row['max_score']:g}"
              f" ({row['status']})")
@@ -103,6 +103,10 @@ def add_commands(sub) -> None:
     g.add_argument("--require-gpu", action="store_true", help="GPU evidence (engines) counts towards the score")
     g.add_argument("--points", help='JSON file {"test name": points, ...} overriding the default points')
     g.add_argument("--keep", action="store_true", help="keep each unpacked submission in <out>/<student>/files/")
+    g.add_argument("--timeout", type=positive_float, default=TIMEOUT_S,
+                   help="seconds one zip's grading may take (default %(default)g); over it, an error row")
+    g.add_argument("--max-memory-mb", type=positive_float, default=MAX_MEMORY_MB,
+                   help="MB of memory one zip's grading may allocate (default %(default)g); over it, an error row")
     for cmd in (h, g):
         cmd.add_argument("--max-members", type=int, default=ZipLimits.max_members,
                          help="files per zip (default %(default)s)")

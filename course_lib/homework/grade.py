@@ -21,6 +21,15 @@ any of the opening steps is refused: its results say why in one line, and nothin
 for consistency), "trusted" (not re-checkable on CPU: the points follow the student's own run, flagged),
 "not applicable" (0 of 0 points, e.g. engines in a CPU submission; ``require_gpu=True`` makes them count).
 ``results/summary.csv`` has one row per zip.
+
+One zip never stops the class: each is graded in a process of its own (forked from a server process that
+has imported the grader once, so a fork costs milliseconds), under a wall-clock limit (``timeout``, killed
+when over) and a memory limit (``max_memory_mb`` of data on top of what the process starts with:
+``RLIMIT_DATA``, so an allocation over it fails inside that process only). Whatever happens there (an
+exception of any kind, the limits, a crash) becomes that zip's row: status "refused" (the zip could not be
+opened or is not what it says) or "error" (its grading failed), with the reason; the run goes on and
+writes ``summary.csv``. A student ID that is one of the grader's own names (``summary.csv``) gets another
+folder, with a flag.
 """
 from __future__ import annotations
 
@@ -28,20 +37,24 @@ import csv
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
-import tempfile
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 
-from course_lib.files import atomic_write_text, sha256_file
+from course_lib.files import atomic_write_text, sha256_file, temp_dir_beside
 from course_lib.homework import FOLDERS, HOMEWORKS, TESTS, Evidence, derive_seed, run_tests
-from course_lib.homework.safezip import (UnsafeSubmission, ZipLimits, check_external_data, check_file_types, safe_extract,
-                      verify_hashes)
+from course_lib.homework.safezip import (MAX_MEMORY_MB, TIMEOUT_S, UnsafeSubmission, ZipLimits, check_external_data,
+                                        check_file_types, safe_extract, verify_hashes)
 from course_lib.homework.submit import FORMAT, sanitize_student_id
 
 RESULTS_FORMAT = "course_lib.homework.grade/1"
+RESERVED = ("summary.csv",)
+"""The grader's own names in ``--out``: never a student's folder (compared ignoring case)."""
+
 CSV_COLUMNS = ("student", "homework", "seed", "config", "score", "max_score", "percent", "status", "failed",
                "trusted", "flags", "gpu", "tensorrt", "zip", "zip_sha256", "results", "message")
 
@@ -101,13 +114,23 @@ def _open(zip_path: Path, dest: Path, limits: ZipLimits) -> tuple[dict, dict]:
     safe_extract(zip_path, dest, limits)
     manifest = read_manifest(dest)
     verify_hashes(dest, manifest["files"])
-    check_file_types(dest, manifest["files"])
+    check_file_types(dest, manifest["files"], limits)
     artifacts = dest / "artifacts"
     for name in manifest["files"]:
         if name.endswith(".onnx"):
             stripped = name.removeprefix("artifacts/") in manifest["stripped"]
             check_external_data(dest / name, artifacts, must_exist=not stripped)
-    claims = json.loads((dest / "checks.json").read_text()) if (dest / "checks.json").is_file() else {}
+    if (artifacts / "onnx").is_dir():                   # one export's models, not two runs mixed
+        from course_lib.onnx.folder import check_export_folder
+        try:
+            check_export_folder(artifacts / "onnx")
+        except ValueError as e:
+            raise UnsafeSubmission(str(e).replace(str(artifacts) + os.sep, "artifacts/")
+                                   .split(": two exports")[0] + ": make the homework's files again") from None
+    try:
+        claims = json.loads((dest / "checks.json").read_text(encoding="utf-8")) if (dest / "checks.json").is_file() else {}
+    except (ValueError, RecursionError) as e:
+        raise UnsafeSubmission(f"checks.json is not valid JSON ({type(e).__name__})") from None
     tests = claims.get("tests", []) if isinstance(claims, dict) else []
     return manifest, {t["name"]: t for t in tests if isinstance(t, dict) and isinstance(t.get("name"), str)}
 
@@ -139,7 +162,8 @@ def score_test(spec, outcome, claim: dict | None, points: float, require_gpu: bo
 def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mapping[str, int] | None = None,
                      salt: str = "", limits: ZipLimits = ZipLimits(), points: Mapping[str, float] | None = None,
                      require_gpu: bool = False, keep: bool = False, progress: bool = False,
-                     _taken: dict[str, str | None] | None = None) -> dict:
+                     timeout: float | None = TIMEOUT_S, max_memory_mb: float | None = MAX_MEMORY_MB,
+                     isolate: bool = True, _taken: dict[str, str | None] | None = None) -> dict:
     """Homework grading: grade one submission zip; writes ``out_dir/<student>/results.json`` and returns it.
 
     Args:
@@ -149,30 +173,30 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
         limits: size limits of the zip. points: per-test points, overriding :data:`~course_lib.homework.TESTS`.
         require_gpu: GPU evidence (engines) counts; without it a CPU submission is graded on its CPU part.
         keep: keep the unpacked files in ``out_dir/<student>/files/``.
-    The results folder is the manifest's student ID (the zip's name when that is unusable or refused).
+        timeout, max_memory_mb: wall-clock seconds and MB of memory this zip's grading may take (None: no
+            limit); over either, the zip gets an "error" row saying which.
+        isolate: grade in a process of its own (the limits need it; False grades here, for debugging).
+    The results folder is the manifest's student ID (the zip's name when that is unusable or refused). Any
+    failure of this zip's opening, checks or tests is its row (status refused or error), never an exception.
     """
     zip_path, out_dir = Path(zip_path), Path(out_dir)
     check_points(points)
+    for name, value in (("timeout", timeout), ("max_memory_mb", max_memory_mb)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ValueError(f"{name} {value!r}: expected a number > 0 (or None for no limit)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".unpack-", dir=out_dir))          # inside --out, removed below
+    work = temp_dir_beside(out_dir / "unpack")            # inside --out, removed below (or by the next run)
     unpacked = work / "submission"
+    job = dict(zip_path=str(zip_path), unpacked=str(unpacked), roster=dict(roster) if roster is not None else None,
+               salt=salt, limits=limits, points=dict(points) if points else None, require_gpu=require_gpu,
+               progress=progress and not isolate)
     try:
-        results = _grade(zip_path, unpacked, roster, salt, limits, points, require_gpu, progress)
+        if isolate:
+            results = _grade_isolated(job, work / "result.json", timeout, max_memory_mb)
+        else:
+            results = _grade_job(job)
         x = results["extra_data"]
-        name = student = _folder_name({"student": x["student"]}, zip_path)
-        if _taken is not None:                      # {folder: homework} of the zips graded before, this run
-            hw = x.get("homework")
-            if name in _taken and _taken[name] != hw and hw in FOLDERS:
-                name = f"{student}~{FOLDERS[hw]}"   # the same student's other homework
-            if name in _taken:                      # two ~ (IDs and zip stems have none): never a name above
-                again = base = f"{student}~{FOLDERS.get(hw, 'unread')}~{_folder_name(None, zip_path)}"
-                n = 2
-                while again in _taken:              # the same zip name in two places, or a third copy
-                    again, n = f"{base}~{n}", n + 1
-                what = f"zip of {x['student'] or name}'s homework {hw}" if hw in FOLDERS else f"submission for {name}"
-                x["flags"].append(f"another {what} was graded first: these results are in {again}")
-                name = again
-            _taken[name] = hw
+        name = _results_folder(x, zip_path, hw=x.get("homework"), taken=_taken)
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         x["results"] = str(folder / "results.json")
@@ -183,6 +207,120 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _results_folder(x: dict, zip_path: Path, hw, taken: dict[str, str | None] | None) -> str:
+    """The folder in ``--out`` for these results: the student ID, never one of :data:`RESERVED`; with
+    ``taken`` ({folder: homework} of the zips graded before, this run) another homework's or zip's name."""
+    name = student = _folder_name({"student": x["student"]}, zip_path)
+    if name.lower() in RESERVED:
+        name = f"{student}~{FOLDERS.get(hw, 'unread')}"     # ~ is in no ID and no zip stem: never a name above
+        x["flags"].append(f"the student ID {student!r} is a name the grader writes itself: these results are "
+                          f"in {name}")
+    if taken is None:
+        return name
+    if name in taken and taken[name] != hw and hw in FOLDERS:
+        name = f"{student}~{FOLDERS[hw]}"                   # the same student's other homework
+    if name in taken:                                       # two ~ (IDs and zip stems have none): never a name above
+        again = base = f"{student}~{FOLDERS.get(hw, 'unread')}~{_folder_name(None, zip_path)}"
+        n = 2
+        while again in taken:                               # the same zip name in two places, or a third copy
+            again, n = f"{base}~{n}", n + 1
+        what = f"zip of {x['student'] or name}'s homework {hw}" if hw in FOLDERS else f"submission for {name}"
+        x["flags"].append(f"another {what} was graded first: these results are in {again}")
+        name = again
+    taken[name] = hw
+    return name
+
+
+# ------------------------------------------------------------------------------------------ isolation
+
+_CONTEXT = None
+
+
+def _context():
+    """multiprocessing's "forkserver" (where there is one): a clean server process imports the grader once
+    and forks a fresh child per zip (no threads inherited, no state shared between zips)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        methods = multiprocessing.get_all_start_methods()
+        _CONTEXT = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            _CONTEXT.set_forkserver_preload(["course_lib.homework.grade"])
+    return _CONTEXT
+
+
+def _grade_isolated(job: dict, result_path: Path, timeout: float | None, max_memory_mb: float | None) -> dict:
+    """Grade ``job`` in a child process under the limits; its results, or an "error" results dict."""
+    child = _context().Process(target=_child_main, args=(job, str(result_path), max_memory_mb),
+                               name=f"grade {Path(job['zip_path']).name}", daemon=True)
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return _failed(Path(job["zip_path"]), f"grading took longer than the time limit of {timeout:g} s "
+                       "(grade --timeout raises it)", None, job["points"], status="error")
+    try:
+        results = json.loads(result_path.read_text(encoding="utf-8"))
+        if isinstance(results, dict) and isinstance(results.get("extra_data"), dict):
+            return results
+    except (OSError, ValueError):
+        pass
+    code = child.exitcode
+    how = f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else \
+        f"ended with exit code {code}"
+    hint = " (out of memory?)" if code in (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV) else ""
+    return _failed(Path(job["zip_path"]), f"the grading process {how}{hint} before writing results",
+                   None, job["points"], status="error")
+
+
+def _child_main(job: dict, result_path: str, max_memory_mb: float | None) -> None:
+    """In the child: set the memory limit, grade, write the results (an error row on any failure)."""
+    if max_memory_mb is not None:
+        _limit_memory(max_memory_mb)
+    try:
+        results = _grade_job(job)
+    except MemoryError:
+        results = _failed(Path(job["zip_path"]), f"grading needed more than the memory limit of {max_memory_mb:g} MB "
+                          "(grade --max-memory-mb raises it)", None, job["points"], status="error")
+    atomic_write_text(result_path, json.dumps(results) + "\n")
+
+
+def _limit_memory(max_memory_mb: float) -> None:
+    """RLIMIT_DATA (heap and private mappings) = what this process has now + ``max_memory_mb``."""
+    try:
+        import resource
+    except ImportError:                                     # Windows: the time limit still holds
+        return
+    now = 0
+    try:
+        with open("/proc/self/status") as f:
+            now = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:")), 0)
+    except OSError:
+        pass
+    limit = now + int(max_memory_mb * 2**20)
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
+def _grade_job(job: dict) -> dict:
+    """One zip's results; any exception becomes an "error" row naming it (a refusal is already a row)."""
+    zip_path = Path(job["zip_path"])
+    try:
+        return _grade(zip_path, Path(job["unpacked"]), job["roster"], job["salt"], job["limits"], job["points"],
+                      job["require_gpu"], job["progress"])
+    except MemoryError:
+        raise
+    except Exception as e:  # any failure of this one zip's grading is its row  # noqa: BLE001
+        return _failed(zip_path, f"grading failed: {type(e).__name__}: {_first_line(e)}", None, job["points"],
+                       status="error")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def check_points(points: Mapping[str, float] | None) -> None:
@@ -199,13 +337,17 @@ def _grade(zip_path: Path, unpacked: Path, roster, salt, limits, points, require
     manifest, flags = None, []
     try:
         manifest, claims = _open(zip_path, unpacked, limits)
-    except UnsafeSubmission as e:
-        if (unpacked / "manifest.json").is_file():
-            try:
+    except MemoryError:
+        raise
+    except Exception as e:  # UnsafeSubmission, or whatever the zip, JSON or ONNX readers raise  # noqa: BLE001
+        message = str(e) if isinstance(e, UnsafeSubmission) else \
+            f"{zip_path.name} could not be read: {type(e).__name__}: {_first_line(e)}"
+        try:
+            if (unpacked / "manifest.json").is_file():
                 manifest = read_manifest(unpacked)
-            except UnsafeSubmission:
-                pass
-        return _refused(zip_path, str(e), manifest, points)
+        except Exception:  # noqa: BLE001
+            pass
+        return _refused(zip_path, message, manifest, points)
     hw, student, seed = manifest["homework"], manifest["student"], manifest["seed"]
     issued = None if roster is None else roster.get(student)
     if roster is not None and issued is None:
@@ -229,19 +371,35 @@ def _extra(zip_path: Path, manifest: dict | None, seed, flags: list[str], refuse
     m = manifest or {}
     return {"format": RESULTS_FORMAT, "student": m.get("student"), "homework": m.get("homework"), "seed": seed,
             "config": m.get("config"), "created": m.get("created"), "versions": m.get("versions"),
-            "gpu": m.get("gpu"), "zip": zip_path.name,
-            "zip_sha256": sha256_file(zip_path) if zip_path.is_file() and not zip_path.is_symlink() else None,
+            "gpu": m.get("gpu"), "zip": zip_path.name, "zip_sha256": _zip_sha256(zip_path),
             "flags": flags, "refused": refused}
 
 
+def _zip_sha256(zip_path: Path) -> str | None:
+    try:
+        return sha256_file(zip_path) if zip_path.is_file() and not zip_path.is_symlink() else None
+    except OSError:                                     # unreadable: the row says so elsewhere
+        return None
+
+
 def _refused(zip_path: Path, message: str, manifest: dict | None, points) -> dict:
+    return _failed(zip_path, message, manifest, points, status="refused")
+
+
+def _failed(zip_path: Path, message: str, manifest: dict | None, points, status: str) -> dict:
+    """The results of a zip that was refused (status "refused") or whose grading failed ("error"): 0 points,
+    one test ``submission_opened`` / ``submission_graded`` whose output says why."""
+    manifest = manifest if isinstance(manifest, dict) else None
     hw = (manifest or {}).get("homework")
     max_score = float(sum((points or {}).get(s.name, s.points) for s in TESTS[hw] if not s.gpu)) if hw in TESTS else 0.0
-    text = f"refused {zip_path.name}: {message}"
+    text = f"{'refused' if status == 'refused' else 'could not grade'} {zip_path.name}: {message}"
+    name = "submission_opened" if status == "refused" else "submission_graded"
+    extra = _extra(zip_path, manifest, (manifest or {}).get("seed"), [], refused=status == "refused")
+    extra["error"] = status == "error"
     return {"score": 0.0, "max_score": max_score, "visibility": "visible", "output": text,
-            "tests": [{"name": "submission_opened", "score": 0.0, "max_score": max_score, "status": "failed",
-                       "output": text, "visibility": "visible", "tags": ["refused"]}],
-            "extra_data": _extra(zip_path, manifest, (manifest or {}).get("seed"), [], refused=True)}
+            "tests": [{"name": name, "score": 0.0, "max_score": max_score, "status": "failed",
+                       "output": text, "visibility": "visible", "tags": [status]}],
+            "extra_data": extra}
 
 
 def summary_row(results: dict) -> dict:
@@ -252,12 +410,12 @@ def summary_row(results: dict) -> dict:
             "config": x.get("config"),
             "score": results["score"], "max_score": results["max_score"],
             "percent": round(100 * results["score"] / results["max_score"], 1) if results["max_score"] else 0.0,
-            "status": "refused" if x.get("refused") else "graded",
+            "status": "refused" if x.get("refused") else "error" if x.get("error") else "graded",
             "failed": ";".join(t["name"] for t in results["tests"] if t["status"] == "failed"),
             "trusted": ";".join(n for n, k in tags.items() if k == "trusted"), "flags": len(x.get("flags") or []),
             "gpu": (x.get("gpu") or {}).get("name") or "", "tensorrt": (x.get("versions") or {}).get("tensorrt") or "",
             "zip": x.get("zip"), "zip_sha256": x.get("zip_sha256"), "results": x.get("results"),
-            "message": results["output"] if x.get("refused") else ""}
+            "message": results["output"] if x.get("refused") or x.get("error") else ""}
 
 
 def write_summary(rows: list[dict], path: str | Path) -> Path:
@@ -274,7 +432,8 @@ def write_summary(rows: list[dict], path: str | Path) -> Path:
 def grade_folder(submissions: str | Path, out_dir: str | Path, *, progress: bool = True, **options) -> list[dict]:
     """Homework grading: grade every ``*.zip`` in ``submissions`` (sorted), write ``out_dir/summary.csv``.
 
-    ``options`` are :func:`grade_submission`'s (roster, salt, limits, points, require_gpu, keep). A student's
+    ``options`` are :func:`grade_submission`'s (roster, salt, limits, points, require_gpu, keep, timeout,
+    max_memory_mb, isolate). Every zip gets its row, whatever happens while it is graded. A student's
     other homework graded in the same run gets the folder ``<student>~<hw1|hw2|hw3|int8>``; a second zip of
     the same homework ``<student>~<hw1|...>~<zip name>`` (``~2``, ``~3``, ... if taken), and a flag. Returns the
     results, in order.
@@ -289,6 +448,8 @@ def grade_folder(submissions: str | Path, out_dir: str | Path, *, progress: bool
         raise FileNotFoundError(f"{submissions}: no .zip files in it")
     if out_dir.resolve() == submissions.resolve() or submissions.resolve() in out_dir.resolve().parents:
         raise ValueError(f"--out {out_dir}: expected a folder outside the submissions folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is an existing file: expected a folder (it is created if missing)")
     check_points(options.get("points"))                 # a bad --points file is one error, before any grading
     taken: dict[str, str | None] = {}
     all_results = [grade_submission(z, out_dir, _taken=taken, **options)

@@ -12,12 +12,17 @@ writing a byte and refuses (:class:`UnsafeSubmission`, one line naming the membe
   characters, or lies outside ``manifest.json`` / ``checks.json`` / ``artifacts/``;
 * a symbolic link or any other non-regular file, a duplicate name (also up to letter case);
 * a suffix outside :data:`ALLOWED_SUFFIXES` (no ``.pt``, ``.pth``, ``.pkl``, ``.plan``);
-* more members, more bytes per file or in all, or a higher compression ratio than :class:`ZipLimits`.
+* more members, more bytes per file or in all, or a higher compression ratio than :class:`ZipLimits`;
+* encryption, or a compression method other than stored or deflated (what ``submit`` writes).
 
 It then streams each member to a new file inside the destination (``O_EXCL | O_NOFOLLOW``) counting bytes.
 :func:`verify_hashes` compares the result with the manifest, :func:`check_file_types` sniffs the content of
 JSON / PNG / NPZ / safetensors members, and :func:`check_external_data` keeps an ONNX model's external-data
 paths inside the submission (ONNX Runtime would otherwise read any file a location names).
+
+Archives inside the archive are bounded before they are inflated: an ``.npz`` (itself a zip) is held to the
+same :class:`ZipLimits` member by member, and each ``.npy`` header must declare no more bytes than the member
+holds, before numpy reads it; a PNG's header must not declare more pixels than ``max_file_mb`` of data.
 """
 from __future__ import annotations
 
@@ -36,6 +41,12 @@ ALLOWED_SUFFIXES = (".json", ".onnx", ".data", ".npz", ".png", ".safetensors")
 TOP_LEVEL = ("manifest.json", "checks.json", "artifacts/")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _CHUNK = 1 << 20
+
+
+TIMEOUT_S = 900.0
+"""Homework grading: default wall-clock limit of one zip's grading (seconds); a tiny HW1 takes well under a minute."""
+MAX_MEMORY_MB = 8192.0
+"""Homework grading: default memory (MB) one zip's grading may allocate on top of the grader's own."""
 
 
 class UnsafeSubmission(ValueError):
@@ -154,10 +165,16 @@ def inspect_zip(path: str | Path, limits: ZipLimits = ZipLimits()) -> list[zipfi
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         raise UnsafeSubmission(f"{path.name}: not a regular file (a link or a folder)")
-    if not zipfile.is_zipfile(path):
-        raise UnsafeSubmission(f"{path.name}: not a zip file")
-    with zipfile.ZipFile(path) as zf:
-        infos = zf.infolist()
+    try:
+        if not zipfile.is_zipfile(path):
+            raise UnsafeSubmission(f"{path.name}: not a zip file")
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:
+        if isinstance(e, UnsafeSubmission):
+            raise
+        raise UnsafeSubmission(f"{path.name}: a corrupt or unreadable zip ({type(e).__name__}: "
+                               f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
     if len(infos) > limits.max_members:
         raise UnsafeSubmission(f"{path.name}: {len(infos)} members, over the limit of {limits.max_members}")
     seen: set[str] = set()
@@ -177,6 +194,9 @@ def inspect_zip(path: str | Path, limits: ZipLimits = ZipLimits()) -> list[zipfi
             continue
         if info.flag_bits & 0x1:
             raise UnsafeSubmission(f"member {name!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise UnsafeSubmission(f"member {name!r} uses compression method {info.compress_type}; expected stored "
+                                   "or deflated (make the zip with python -m course_lib submit)")
         if info.file_size > limits.max_file_mb * 2**20:
             raise UnsafeSubmission(f"member {name!r} is {info.file_size / 2**20:.1f} MB, over the per-file limit "
                                    f"of {limits.max_file_mb:g} MB (grade --max-file-mb raises it)")
@@ -229,9 +249,10 @@ def safe_extract(path: str | Path, dest: str | Path, limits: ZipLimits = ZipLimi
 
 # ------------------------------------------------------------------------------------ content checks
 
-def check_file_types(root: str | Path, names: Iterable[str]) -> None:
-    """Homework grading: JSON parses, PNG has its magic, NPZ holds only ``.npy`` arrays without objects,
-    safetensors has its JSON header. Raises :class:`UnsafeSubmission` naming the first bad file."""
+def check_file_types(root: str | Path, names: Iterable[str], limits: ZipLimits = ZipLimits()) -> None:
+    """Homework grading: JSON parses, PNG has its magic and a size within ``limits``, NPZ holds only ``.npy``
+    arrays without objects, within ``limits`` (checked before numpy inflates them), safetensors has its JSON
+    header. Raises :class:`UnsafeSubmission` naming the first bad file."""
     import numpy as np
 
     root = Path(root)
@@ -241,13 +262,9 @@ def check_file_types(root: str | Path, names: Iterable[str]) -> None:
             if suffix == ".json":
                 json.loads(path.read_text(encoding="utf-8"))
             elif suffix == ".png":
-                with open(path, "rb") as f:
-                    if f.read(8) != PNG_MAGIC:
-                        raise ValueError("no PNG signature")
+                check_png_size(path, limits)
             elif suffix == ".npz":
-                with zipfile.ZipFile(path) as zf:
-                    if any(not n.endswith(".npy") for n in zf.namelist()):
-                        raise ValueError("holds something other than .npy arrays")
+                check_npz(path, limits)
                 with np.load(path, allow_pickle=False) as data:
                     for key in data.files:
                         data[key]
@@ -257,22 +274,89 @@ def check_file_types(root: str | Path, names: Iterable[str]) -> None:
                     if not 2 <= n <= 100 * 2**20:
                         raise ValueError(f"header length {n}")
                     json.loads(f.read(n))
+        except UnsafeSubmission as e:
+            raise UnsafeSubmission(f"{name}: {e}") from None
         except Exception as e:  # json, zipfile, numpy raise many kinds  # noqa: BLE001
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise UnsafeSubmission(f"{name}: not a valid {suffix[1:]} file ({first})") from None
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}       # colour type -> samples per pixel
+
+
+def check_png_size(path: str | Path, limits: ZipLimits = ZipLimits()) -> None:
+    """Homework grading: a PNG's signature, and an image (width x height x samples x bit depth, from its
+    header) of at most ``limits.max_file_mb`` once decoded. Raises UnsafeSubmission or ValueError."""
+    with open(path, "rb") as f:
+        head = f.read(33)
+    if head[:8] != PNG_MAGIC:
+        raise ValueError("no PNG signature")
+    if len(head) < 33 or head[12:16] != b"IHDR":
+        raise ValueError("no IHDR header")
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    depth, colour = head[24], head[25]
+    decoded = width * height * _PNG_CHANNELS.get(colour, 4) * max(depth, 8) // 8
+    if decoded > limits.max_file_mb * 2**20:
+        raise UnsafeSubmission(f"a {width}x{height} image decodes to {decoded / 2**20:.0f} MB, over the per-file "
+                               f"limit of {limits.max_file_mb:g} MB (a decompression bomb?)")
+
+
+def check_npz(path: str | Path, limits: ZipLimits = ZipLimits()) -> None:
+    """Homework grading: an ``.npz`` (a zip inside the zip) within the same :class:`ZipLimits` as the
+    submission, member by member, and each ``.npy`` header declaring no more bytes than its member holds:
+    all checked from the zip's directory and the headers, before numpy inflates anything."""
+    import numpy as np
+
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        if len(infos) > limits.max_members:
+            raise UnsafeSubmission(f"{len(infos)} arrays, over the limit of {limits.max_members} members")
+        total = 0
+        for info in infos:
+            shown = f"array {info.filename!r}"
+            if not info.filename.endswith(".npy"):
+                raise ValueError("holds something other than .npy arrays")
+            if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise UnsafeSubmission(f"{shown} is encrypted or uses compression method {info.compress_type}")
+            if info.file_size > limits.max_file_mb * 2**20:
+                raise UnsafeSubmission(f"{shown} inflates to {info.file_size / 2**20:.1f} MB, over the per-file "
+                                       f"limit of {limits.max_file_mb:g} MB (a zip bomb inside the zip?)")
+            if info.file_size > 2**20 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+                raise UnsafeSubmission(f"{shown} expands {info.file_size / max(info.compress_size, 1):.0f}x, over "
+                                       f"the limit of {limits.max_ratio:g}x (a zip bomb inside the zip?)")
+            total += info.file_size
+            if total > limits.max_total_mb * 2**20:
+                raise UnsafeSubmission(f"its arrays inflate to over {limits.max_total_mb:g} MB in all, the limit")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"{shown}: .npy version {version} (expected 1.0 or 2.0)")
+                header = f.tell()
+            if dtype.hasobject:
+                raise ValueError(f"{shown} holds Python objects (pickles are refused)")
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > info.file_size - header:
+                raise UnsafeSubmission(f"{shown} declares {declared} bytes of data but holds "
+                                       f"{info.file_size - header} (a header made to allocate more?)")
+
+
 def external_data_locations(onnx_path: str | Path) -> list[str]:
-    """Homework grading: the external-data file names an ONNX model's initializers point at (graph only)."""
+    """Homework grading: the external-data file names an ONNX model's tensors point at (initializers and
+    tensors in node attributes, subgraphs included; the graph is read, not the data)."""
     import onnx
+
+    from course_lib.onnx.export import external_tensors
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     found = []
-    for tensor in model.graph.initializer:
-        if onnx.external_data_helper.uses_external_data(tensor):
-            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-            if location not in found:
-                found.append(location)
+    for tensor in external_tensors(model):
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        if location not in found:
+            found.append(location)
     return found
 
 
