@@ -103,12 +103,14 @@ def cmd_run(args) -> int:
 def cmd_build(args) -> int:
     from course_lib.trt import require_tensorrt
 
-    require_tensorrt("building TensorRT plans")
     from course_lib.onnx.folder import check_export_folder, export_lock
+
+    check_export_folder(args.onnx_dir, MODEL_NAMES)                   # one export's models, not two mixed
+    require_tensorrt("building TensorRT plans")
     from course_lib.trt.build import build_plans
 
     with export_lock(args.onnx_dir, exclusive=False):                 # no export writes while plans are built
-        check_export_folder(args.onnx_dir, MODEL_NAMES)               # one export's models, not two mixed
+        check_export_folder(args.onnx_dir, MODEL_NAMES)               # (again: one may have finished meanwhile)
         plans = build_plans(args.onnx_dir, args.out, profile=args.profile, opt_level=args.opt_level,
                             timing_cache=args.timing_cache)
     for plan in plans:

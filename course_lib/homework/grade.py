@@ -22,10 +22,10 @@ for consistency), "trusted" (not re-checkable on CPU: the points follow the stud
 "not applicable" (0 of 0 points, e.g. engines in a CPU submission; ``require_gpu=True`` makes them count).
 ``results/summary.csv`` has one row per zip.
 
-One zip never stops the class: each is graded in a process of its own (forked from a server process that
-has imported the grader once, so a fork costs milliseconds), under a wall-clock limit (``timeout``, killed
-when over) and a memory limit (``max_memory_mb`` of data on top of what the process starts with:
-``RLIMIT_DATA``, so an allocation over it fails inside that process only). Whatever happens there (an
+One zip never stops the class: each is graded in a process of its own (:mod:`course_lib.homework.isolate`:
+forked from a helper that imported the grader once, so a fork costs milliseconds), under a wall-clock
+limit (``timeout``, killed when over) and a memory limit (``max_memory_mb`` on top of what the process
+starts with: ``RLIMIT_DATA``, so an allocation over it fails in that process only). Whatever happens there (an
 exception of any kind, the limits, a crash) becomes that zip's row: status "refused" (the zip could not be
 opened or is not what it says) or "error" (its grading failed), with the reason; the run goes on and
 writes ``summary.csv``. A student ID that is one of the grader's own names (``summary.csv``) gets another
@@ -34,15 +34,15 @@ folder, with a flag.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
-import multiprocessing
 import os
 import re
 import shutil
-import signal
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 from course_lib.files import atomic_write_text, sha256_file, temp_dir_beside
@@ -188,7 +188,7 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
     work = temp_dir_beside(out_dir / "unpack")            # inside --out, removed below (or by the next run)
     unpacked = work / "submission"
     job = dict(zip_path=str(zip_path), unpacked=str(unpacked), roster=dict(roster) if roster is not None else None,
-               salt=salt, limits=limits, points=dict(points) if points else None, require_gpu=require_gpu,
+               salt=salt, limits=asdict(limits), points=dict(points) if points else None, require_gpu=require_gpu,
                progress=progress and not isolate)
     try:
         if isolate:
@@ -235,85 +235,44 @@ def _results_folder(x: dict, zip_path: Path, hw, taken: dict[str, str | None] | 
 
 # ------------------------------------------------------------------------------------------ isolation
 
-_CONTEXT = None
-
-
-def _context():
-    """multiprocessing's "forkserver" (where there is one): a clean server process imports the grader once
-    and forks a fresh child per zip (no threads inherited, no state shared between zips)."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        methods = multiprocessing.get_all_start_methods()
-        _CONTEXT = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if "forkserver" in methods:
-            _CONTEXT.set_forkserver_preload(["course_lib.homework.grade"])
-    return _CONTEXT
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _grade_isolated(job: dict, result_path: Path, timeout: float | None, max_memory_mb: float | None) -> dict:
-    """Grade ``job`` in a child process under the limits; its results, or an "error" results dict."""
-    child = _context().Process(target=_child_main, args=(job, str(result_path), max_memory_mb),
-                               name=f"grade {Path(job['zip_path']).name}", daemon=True)
-    child.start()
-    child.join(timeout)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        return _failed(Path(job["zip_path"]), f"grading took longer than the time limit of {timeout:g} s "
-                       "(grade --timeout raises it)", None, job["points"], status="error")
-    try:
-        results = json.loads(result_path.read_text(encoding="utf-8"))
-        if isinstance(results, dict) and isinstance(results.get("extra_data"), dict):
-            return results
-    except (OSError, ValueError):
-        pass
-    code = child.exitcode
-    how = f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else \
-        f"ended with exit code {code}"
-    hint = " (out of memory?)" if code in (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV) else ""
-    return _failed(Path(job["zip_path"]), f"the grading process {how}{hint} before writing results",
-                   None, job["points"], status="error")
+    """Grade ``job`` in a process of its own under the limits (:mod:`course_lib.homework.isolate`); its results,
+    or an "error" results dict saying what happened. The grader's own disk filling up stops the run
+    (OSError): no zip is to blame for it."""
+    from course_lib.homework.isolate import EXIT_DISK_FULL, EXIT_MEMORY, run_isolated
 
-
-def _child_main(job: dict, result_path: str, max_memory_mb: float | None) -> None:
-    """In the child: set the memory limit, grade, write the results (an error row on any failure)."""
-    if max_memory_mb is not None:
-        _limit_memory(max_memory_mb)
-    try:
-        results = _grade_job(job)
-    except MemoryError:
-        results = _failed(Path(job["zip_path"]), f"grading needed more than the memory limit of {max_memory_mb:g} MB "
-                          "(grade --max-memory-mb raises it)", None, job["points"], status="error")
-    atomic_write_text(result_path, json.dumps(results) + "\n")
-
-
-def _limit_memory(max_memory_mb: float) -> None:
-    """RLIMIT_DATA (heap and private mappings) = what this process has now + ``max_memory_mb``."""
-    try:
-        import resource
-    except ImportError:                                     # Windows: the time limit still holds
-        return
-    now = 0
-    try:
-        with open("/proc/self/status") as f:
-            now = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:")), 0)
-    except OSError:
-        pass
-    limit = now + int(max_memory_mb * 2**20)
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    outcome = run_isolated("course_lib.homework.grade._grade_job", [job], result_path, timeout=timeout,
+                           max_memory_mb=max_memory_mb, preload=("course_lib.homework.grade",))
+    result = outcome.result
+    if outcome.finished and isinstance(result, dict) and isinstance(result.get("extra_data"), dict):
+        return result
+    if outcome.exit_code == EXIT_DISK_FULL:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(result_path.parent.parent))
+    if outcome.timed_out:
+        why = f"grading took longer than the time limit of {timeout:g} s (grade --timeout raises it)"
+    elif outcome.exit_code == EXIT_MEMORY:
+        why = f"grading needed more than the memory limit of {max_memory_mb:g} MB (grade --max-memory-mb raises it)"
+    else:
+        why = f"the grading process {outcome.describe()}"
+    return _failed(Path(job["zip_path"]), why, None, job["points"], status="error")
 
 
 def _grade_job(job: dict) -> dict:
     """One zip's results; any exception becomes an "error" row naming it (a refusal is already a row)."""
     zip_path = Path(job["zip_path"])
     try:
-        return _grade(zip_path, Path(job["unpacked"]), job["roster"], job["salt"], job["limits"], job["points"],
-                      job["require_gpu"], job["progress"])
+        return _grade(zip_path, Path(job["unpacked"]), job["roster"], job["salt"], ZipLimits(**job["limits"]),
+                      job["points"], job["require_gpu"], job["progress"])
     except MemoryError:
         raise
+    except OSError as e:
+        if e.errno in _DISK_FULL:                           # the grader's disk, not the zip
+            raise
+        return _failed(zip_path, f"grading failed: {type(e).__name__}: {_first_line(e)}", None, job["points"],
+                       status="error")
     except Exception as e:  # any failure of this one zip's grading is its row  # noqa: BLE001
         return _failed(zip_path, f"grading failed: {type(e).__name__}: {_first_line(e)}", None, job["points"],
                        status="error")
@@ -339,6 +298,11 @@ def _grade(zip_path: Path, unpacked: Path, roster, salt, limits, points, require
         manifest, claims = _open(zip_path, unpacked, limits)
     except MemoryError:
         raise
+    except OSError as e:
+        if e.errno in _DISK_FULL:                           # the grader's disk is full: stop, blame no zip
+            raise
+        return _refused(zip_path, f"{zip_path.name} could not be read: {type(e).__name__}: {_first_line(e)}",
+                        None, points)
     except Exception as e:  # UnsafeSubmission, or whatever the zip, JSON or ONNX readers raise  # noqa: BLE001
         message = str(e) if isinstance(e, UnsafeSubmission) else \
             f"{zip_path.name} could not be read: {type(e).__name__}: {_first_line(e)}"
