@@ -132,6 +132,9 @@ def _open(zip_path: Path, dest: Path, limits: ZipLimits) -> tuple[dict, dict]:
     except (ValueError, RecursionError) as e:
         raise UnsafeSubmission(f"checks.json is not valid JSON ({type(e).__name__})") from None
     tests = claims.get("tests", []) if isinstance(claims, dict) else []
+    if not isinstance(tests, list):
+        raise UnsafeSubmission(f'checks.json: "tests" is a {type(tests).__name__}, expected a list of results '
+                               "(make the zip with python -m course_lib submit)")
     return manifest, {t["name"]: t for t in tests if isinstance(t, dict) and isinstance(t.get("name"), str)}
 
 

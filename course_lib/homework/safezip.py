@@ -276,6 +276,8 @@ def check_file_types(root: str | Path, names: Iterable[str], limits: ZipLimits =
                     json.loads(f.read(n))
         except UnsafeSubmission as e:
             raise UnsafeSubmission(f"{name}: {e}") from None
+        except MemoryError:                  # the grader's memory limit: its own row, not "not a valid file"
+            raise
         except Exception as e:  # json, zipfile, numpy raise many kinds  # noqa: BLE001
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise UnsafeSubmission(f"{name}: not a valid {suffix[1:]} file ({first})") from None

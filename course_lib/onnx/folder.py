@@ -75,8 +75,11 @@ def export_lock(folder: str | os.PathLike, exclusive: bool = True) -> Iterator[P
                     raise ValueError(f"{folder}: an export is writing into this folder{who}; wait for it to "
                                      "finish") from None
                 if exclusive:
-                    os.ftruncate(fd, 0)
-                    os.write(fd, f"{os.getpid()}\n".encode())
+                    try:                      # who holds it, for the message of the next one (best effort)
+                        os.ftruncate(fd, 0)
+                        os.write(fd, f"{os.getpid()}\n".encode())
+                    except OSError:
+                        pass
                 _held[key] = [fd, 1]
     try:
         yield folder
