@@ -190,7 +190,9 @@ def grade_submission(zip_path: str | Path, out_dir: str | Path, *, roster: Mappi
     out_dir.mkdir(parents=True, exist_ok=True)
     work = temp_dir_beside(out_dir / "unpack")            # inside --out, removed below (or by the next run)
     unpacked = work / "submission"
-    job = dict(zip_path=str(zip_path), unpacked=str(unpacked), roster=dict(roster) if roster is not None else None,
+    # absolute paths: the grading process's working folder need not be ours
+    job = dict(zip_path=os.path.abspath(zip_path), unpacked=os.path.abspath(unpacked),
+               roster=dict(roster) if roster is not None else None,
                salt=salt, limits=asdict(limits), points=dict(points) if points else None, require_gpu=require_gpu,
                progress=progress and not isolate)
     try:

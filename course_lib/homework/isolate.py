@@ -116,6 +116,7 @@ def serve(preload: list[str]) -> None:
             try:
                 proto.close()
                 os.setpgid(0, 0)
+                os.chdir(request["cwd"])              # relative paths mean what they meant to the caller
                 code = _child(request["job"], request["result"], request["max_memory_mb"])
             except MemoryError:
                 code = EXIT_MEMORY
@@ -202,8 +203,8 @@ def run_isolated(function: str, args: list, result_path: str | Path, *, timeout:
         helper = _helpers.get(preload)
         if helper is None or not helper.alive():
             helper = _helpers[preload] = _Helper(list(preload))
-        answer = helper.run({"job": job, "result": str(result_path), "timeout": timeout,
-                             "max_memory_mb": max_memory_mb}, timeout)
+        answer = helper.run({"job": job, "result": os.path.abspath(result_path), "cwd": os.getcwd(),
+                             "timeout": timeout, "max_memory_mb": max_memory_mb}, timeout)
         if answer is None:                          # the helper itself stopped answering: start afresh next time
             helper.close()
             _helpers.pop(preload, None)
