@@ -50,7 +50,7 @@ def write_image(path: str | Path, rgb: np.ndarray) -> Path:
     except cv2.error:
         ok = False
     if not ok:
-        raise ValueError(f"image {path}: unknown image extension {path.suffix!r} (use .png)")
+        raise ValueError(f"image {path}: could not write it: unknown image extension {path.suffix!r} (use .png)")
     return atomic_write_bytes(path, encoded)
 
 
