@@ -26,7 +26,7 @@ import torch
 
 from course_lib.cudagraph import CudaGraph
 from course_lib.env import MissingDependency
-from course_lib.onnx.session import ORT_TYPES, default_providers, ort_session
+from course_lib.onnx.session import ORT_TYPES, default_providers, ort_session, run_session
 
 
 @runtime_checkable
@@ -53,6 +53,11 @@ def check_feed(backend_name: str, feed: Mapping[str, torch.Tensor], input_names:
 def _feed_device(feed: Mapping[str, torch.Tensor]) -> torch.device:
     first = next(iter(feed.values()))
     return first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _as_float32(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +123,10 @@ class OrtBackend:
     The session comes from :func:`course_lib.onnx.session.ort_session` (chapter 1), so the parity checks and
     the pipeline run the same way. Feeds go through host memory: each torch tensor becomes a numpy array
     of the dtype the graph declares (an int64 timestep becomes the graph's int32, an fp16 graph gets
-    fp16); a shape that the graph fixes otherwise is a ValueError naming the input. Outputs come back as
+    fp16); a shape that the graph fixes otherwise is a ValueError naming the input. A cast that would
+    change a value's meaning is refused the same way, naming the input and the dtype expected: float
+    token ids (an integer input fed floats), integers beyond the input's range, complex numbers, floats
+    for a bool. Each value must be a torch tensor (a numpy array is refused). Outputs come back as
     float32 torch tensors on the feed's device. Simple and exact, not the fastest path on a GPU.
     """
 
@@ -145,15 +153,39 @@ class OrtBackend:
             raise ValueError(f"{self.name}: input {name!r} has shape {shape}, the ONNX file expects {shown} "
                              f"(export it at this size, or with dynamic axes)")
 
+    def _check_dtype(self, name: str, t) -> None:
+        want = np.dtype(self._np_types[name])
+        shown = f"{self.name}: input {name!r}"
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{shown} is a {type(t).__name__}, expected a torch.Tensor of {want.name}")
+        if t.is_complex():
+            raise ValueError(f"{shown} is {str(t.dtype).removeprefix('torch.')}, the ONNX file expects {want.name} "
+                             "(complex numbers are not cast)")
+        if want.kind == "f":
+            ok = t.is_floating_point()                   # float32 -> float16 for an fp16 graph is fine
+        elif want.kind == "b":
+            ok = t.dtype == torch.bool
+        else:                                            # integer inputs: token ids, timesteps
+            ok = not t.is_floating_point() and t.dtype != torch.bool
+            if ok and t.numel():
+                info = np.iinfo(want)
+                low, high = int(t.min()), int(t.max())
+                if low < info.min or high > info.max:
+                    raise ValueError(f"{shown} holds values from {low} to {high}, beyond the {want.name} the ONNX "
+                                     f"file expects ({info.min}..{info.max})")
+        if not ok:
+            raise ValueError(f"{shown} is {str(t.dtype).removeprefix('torch.')}, the ONNX file expects {want.name}"
+                             + (" (token ids and timesteps are integers)" if want.kind in "iu" else ""))
+
     def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Chapter 2: run the session on a feed by name; returns ``{output name: float32 tensor}``."""
         check_feed(self.name, feed, self.input_names)
-        device = _feed_device(feed)
         for n in self.input_names:
+            self._check_dtype(n, feed[n])
             self._check_shape(n, tuple(feed[n].shape))
-        np_feed = {n: feed[n].detach().cpu().numpy().astype(self._np_types[n], copy=False)
-                   for n in self.input_names}
-        outs = self.session.run(self.output_names, np_feed)
+        device = _feed_device(feed)
+        np_feed = {n: _to_numpy(feed[n]).astype(self._np_types[n], copy=False) for n in self.input_names}
+        outs = run_session(self.session, self.output_names, np_feed, self.path)
         return {n: _as_float32(torch.from_numpy(np.asarray(o))).to(device)
                 for n, o in zip(self.output_names, outs)}
 

@@ -38,21 +38,20 @@ def write_image(path: str | Path, rgb: np.ndarray) -> Path:
     """Chapter 1: save a uint8 RGB image atomically (temp name, then os.replace); returns the path."""
     import cv2
 
-    from course_lib.files import atomic_path
+    from course_lib.files import atomic_write_bytes
 
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder: expected an image file name such as out.png")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"image {rgb.shape} {rgb.dtype}: expected uint8 (H, W, 3)")
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        try:
-            ok = cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1]))
-        except cv2.error:
-            ok = False
-        if not ok:
-            raise ValueError(f"image {path}: could not write it (unknown extension {path.suffix!r}? use .png)")
-    return path
+    try:                                        # encode in memory: a full disk is then an OSError, not a guess
+        ok, encoded = cv2.imencode(path.suffix, np.ascontiguousarray(rgb[:, :, ::-1]))
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise ValueError(f"image {path}: could not write it: unknown image extension {path.suffix!r} (use .png)")
+    return atomic_write_bytes(path, encoded)
 
 
 def center_crop_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

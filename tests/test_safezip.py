@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from course_lib.homework.safezip import (UnsafeSubmission, ZipLimits, check_external_data, check_file_types,
-                                check_member_name, hash_files, inspect_zip, safe_extract, sha256_file,
-                                verify_hashes, write_zip)
+from course_lib.homework.contents import check_external_data, check_file_types
+from course_lib.homework.safezip import (UnsafeSubmission, ZipLimits, check_member_name, hash_files, inspect_zip,
+                                safe_extract, sha256_file, verify_hashes, write_zip)
 
 
 def make_zip(path, members: dict, links: dict | None = None, modes: dict | None = None):

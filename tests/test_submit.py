@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from course_lib.homework.handin import save_fused_weights
 from course_lib.homework import TESTS, homework_name
-from course_lib.homework.safezip import ZipLimits, check_external_data, sha256_file
+from course_lib.homework.contents import check_external_data
+from course_lib.homework.safezip import ZipLimits, sha256_file
 from course_lib.homework.submit import FORMAT, collect, machine_info, sanitize_student_id, strip_weights, submit
 
 

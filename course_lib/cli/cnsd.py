@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 from course_lib.cnsd.contract import MODEL_NAMES
+from course_lib.cli.args import (check_device, ddim_steps, device, image_file, image_side, int_at_least, nonneg_int,
+                                 out_folder, positive_int, seed_int)
 from course_lib.cli.common import add_tensorrt_option, load_model, make_tokenizer, say, use_tensorrt
 
 
@@ -18,18 +20,20 @@ def cmd_env(args) -> int:
 
 def cmd_export(args) -> int:
     from course_lib.onnx.export_cnsd import check_exports, export_cnsd
+    from course_lib.onnx.folder import export_lock
 
     start = time.perf_counter()
-    model = load_model(args.config, args.checkpoint, args.seed)
     dynamic = [a for a in args.dynamic.split(",") if a] if args.dynamic else []
-    results = export_cnsd(model, args.out, batch=args.batch, height=args.height, width=args.width,
-                          dynamic=dynamic, models=args.models)
-    for result in results.values():
-        say(f"wrote {result}")
-    if args.no_check:
-        return 0
-    table = check_exports(model, args.out, batch=args.batch, height=args.height, width=args.width,
-                          models=args.models)
+    with export_lock(args.out):                     # a second export is refused now, not after loading the model;
+        model = load_model(args.config, args.checkpoint, args.seed)     # the parity check reads this run's files
+        results = export_cnsd(model, args.out, batch=args.batch, height=args.height, width=args.width,
+                              dynamic=dynamic, models=args.models)
+        for result in results.values():
+            say(f"wrote {result}")
+        if args.no_check:
+            return 0
+        table = check_exports(model, args.out, batch=args.batch, height=args.height, width=args.width,
+                              models=args.models)
     say(str(table))
     say(f"export finished in {time.perf_counter() - start:.0f} s")
     return 0 if table.passed else 1
@@ -77,13 +81,21 @@ def cmd_run(args) -> int:
     from course_lib.samples import read_image, sample_photo, write_image
 
     photo = read_image(args.image) if args.image else sample_photo()      # bad input first, before any model
+    check_device(args.device)
     eps = eps_strategy(Switches(guidance=args.guidance, cuda_graph=args.graph_step, reuse_every=args.reuse_eps))
     config = get_config(args.config)
     tokenizer = make_tokenizer(args.config, args.vocab)
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
     model = load_model(args.config, args.checkpoint, args.seed_weights).to(device) if args.backend == "torch" else None
     use_tensorrt(args)
-    backends = make_backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
+    if args.backend == "ort" and args.onnx_dir and Path(args.onnx_dir).is_dir():
+        from course_lib.onnx.folder import check_export_folder, export_lock
+
+        with export_lock(args.onnx_dir, exclusive=False):             # no export writes while the models load
+            check_export_folder(args.onnx_dir, MODEL_NAMES)
+            backends = make_backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
+    else:
+        backends = make_backends(args.backend, model, args.onnx_dir, args.plan_dir, args.cuda_graph)
     pipe = Canny2Image(backends, tokenizer, config, device=device, eps=eps)
     image = pipe.process(photo, args.prompt, image_resolution=args.resolution, ddim_steps=args.steps, seed=args.seed)[0]
     write_image(args.out, image)
@@ -94,14 +106,19 @@ def cmd_run(args) -> int:
 def cmd_build(args) -> int:
     from course_lib.trt.flavour import label, require_tensorrt
 
+    from course_lib.onnx.folder import check_export_folder, export_lock
+
+    check_export_folder(args.onnx_dir, MODEL_NAMES)                   # one export's models, not two mixed
     use_tensorrt(args)
     trt = require_tensorrt("building TensorRT plans")
     from course_lib.trt.build import build_plans
 
     say(f"building with {label(trt)}")
-    plans = build_plans(args.onnx_dir, args.out, profile=args.profile, opt_level=args.opt_level,
-                        timing_cache=args.timing_cache, batch=args.batch, height=args.height, width=args.width,
-                        compute_capabilities=args.compute_capability or None, progress=False)
+    with export_lock(args.onnx_dir, exclusive=False):                 # no export writes while plans are built
+        check_export_folder(args.onnx_dir, MODEL_NAMES)               # (again: one may have finished meanwhile)
+        plans = build_plans(args.onnx_dir, args.out, profile=args.profile, opt_level=args.opt_level,
+                            timing_cache=args.timing_cache, batch=args.batch, height=args.height, width=args.width,
+                            compute_capabilities=args.compute_capability or None, progress=False)
     for plan in plans:
         say(f"wrote {plan}")
     return 0
@@ -111,6 +128,7 @@ def cmd_bench(args) -> int:
     """Chapter 3: one pipeline variant on a random-weight preset; JSON under --out."""
     from course_lib.bench import run_bench, stage_table, variant_table
 
+    check_device(args.device)
     result = run_bench(args.config, args.variant, device=args.device, iters=args.iters, warmup=args.warmup,
                        height=args.height, width=args.width, steps=args.steps, seed=args.seed, out=args.out,
                        stages=not args.no_stages)
@@ -132,33 +150,33 @@ def add_commands(sub) -> None:
     sub.add_parser("env", help="what this machine can run (GPU, CUDA, TensorRT, ORT) and which cells skip").set_defaults(func=cmd_env)
 
     d = sub.add_parser("demo", help="chapter 1 on the tiny model, offline: export, parity, canny2image on torch and ORT")
-    d.add_argument("--out", default="demo_out", help="folder for the ONNX files and images (default: demo_out)")
-    d.add_argument("--height", type=int, default=128, help="image height (default 128: under a minute on 2 CPU cores)")
-    d.add_argument("--width", type=int, default=192, help="image width (default 192; the course scores 256x384)")
-    d.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the course)")
+    d.add_argument("--out", default="demo_out", type=out_folder, help="folder for the ONNX files and images (default: demo_out)")
+    d.add_argument("--height", type=image_side, default=128, help="image height (default 128: under a minute on 2 CPU cores)")
+    d.add_argument("--width", type=image_side, default=192, help="image width (default 192; the course scores 256x384)")
+    d.add_argument("--steps", type=ddim_steps, default=20, help="DDIM steps (default 20, as the course)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("export", help="export the four CNSD models to ONNX and check them against torch")
     e.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
     e.add_argument("--checkpoint", help="control_sd15_canny.pth or .safetensors (default: random weights)")
-    e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--batch", type=int, default=1)
-    e.add_argument("--height", type=int, default=256)
-    e.add_argument("--width", type=int, default=384)
+    e.add_argument("--out", required=True, type=out_folder, help="output folder")
+    e.add_argument("--batch", type=positive_int, default=1)
+    e.add_argument("--height", type=image_side, default=256)
+    e.add_argument("--width", type=image_side, default=384)
     e.add_argument("--dynamic", default="", help="dynamic axes, e.g. B or B,H,W (default: static shapes)")
     e.add_argument("--models", nargs="+", choices=MODEL_NAMES)
-    e.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
+    e.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights (no --checkpoint)")
     e.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
 
     b = sub.add_parser("build", help="build TensorRT plans from a folder of ONNX files (TensorRT for RTX: no GPU needed)")
     b.add_argument("--onnx-dir", required=True)
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, type=out_folder)
     b.add_argument("--profile", choices=["static", "dynamic"], default="static")
     b.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5")
     b.add_argument("--timing-cache", help="timing cache file to load and update (full TensorRT only)")
-    b.add_argument("--batch", type=int, default=1, help="batch the plans are built (static) or tuned (dynamic) for")
-    b.add_argument("--height", type=int, default=256, help="image height (default 256, as the course)")
-    b.add_argument("--width", type=int, default=384, help="image width (default 384, as the course)")
+    b.add_argument("--batch", type=positive_int, default=1, help="batch the plans are built (static) or tuned (dynamic) for")
+    b.add_argument("--height", type=image_side, default=256, help="image height (default 256, as the course)")
+    b.add_argument("--width", type=image_side, default=384, help="image width (default 384, as the course)")
     b.add_argument("--compute-capability", action="append", metavar="CC",
                    help="TensorRT for RTX: a target such as 8.6 (repeatable; default 8.0, 8.6, 8.9, 12.0)")
     add_tensorrt_option(b)
@@ -167,24 +185,24 @@ def add_commands(sub) -> None:
     r.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch")
     r.add_argument("--image", help="input photo (default: a sample photo shipped with matplotlib)")
     r.add_argument("--prompt", default="a bird")
-    r.add_argument("--out", required=True, help="output image (.png)")
+    r.add_argument("--out", required=True, type=image_file, help="output image (.png)")
     r.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
     r.add_argument("--checkpoint", help="weights for --backend torch (default: random, --seed-weights)")
-    r.add_argument("--seed-weights", type=int, default=0)
+    r.add_argument("--seed-weights", type=seed_int, default=0)
     r.add_argument("--onnx-dir", help="folder with clip/controlnet/unet/decoder.onnx (--backend ort)")
     r.add_argument("--plan-dir", help="folder with clip/controlnet/unet/decoder.plan (--backend trt)")
     r.add_argument("--vocab", help="CLIP vocabulary (HF tokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
-    r.add_argument("--steps", type=int, default=20)
-    r.add_argument("--resolution", type=int, default=256)
-    r.add_argument("--seed", type=int, default=2946901)
+    r.add_argument("--steps", type=ddim_steps, default=20)
+    r.add_argument("--resolution", type=int_at_least(64), default=256)
+    r.add_argument("--seed", type=seed_int, default=2946901)
     r.add_argument("--guidance", choices=["separate", "batched"], default="separate",
                    help="cond and uncond as two calls of each model (the original) or one batch of 2")
     r.add_argument("--cuda-graph", action="store_true", help="replay a CUDA graph per engine (--backend trt)")
     r.add_argument("--graph-step", action="store_true",
                    help="replay each DDIM step from one CUDA graph (torch on cuda, or trt without --cuda-graph)")
-    r.add_argument("--reuse-eps", type=int, default=0, metavar="N",
+    r.add_argument("--reuse-eps", type=nonneg_int, default=0, metavar="N",
                    help="reuse the previous step's eps on every N-th step (0: off; changes the image)")
-    r.add_argument("--device", help="cpu or cuda (default: cuda for trt, else cpu)")
+    r.add_argument("--device", type=device, help="cpu or cuda (default: cuda for trt, else cpu)")
     add_tensorrt_option(r)
 
     n = sub.add_parser("bench", help="time one canny2image variant (chapter 3), e.g. fp16-batched-graph-sdpa")
@@ -192,14 +210,14 @@ def add_commands(sub) -> None:
     n.add_argument("--variant", default="fp32-separate",
                    help="switches joined by '-': fp32|fp16, separate|batched (guidance), graph, sdpa, hint-once, "
                         "compile, reuse-epsN, stepsN, cache-text")
-    n.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    n.add_argument("--iters", type=int, default=5)
-    n.add_argument("--warmup", type=int, default=1)
-    n.add_argument("--height", type=int, default=256)
-    n.add_argument("--width", type=int, default=384)
-    n.add_argument("--steps", type=int, default=20)
-    n.add_argument("--seed", type=int, default=2946901)
-    n.add_argument("--out", help="folder for bench_<variant>.json")
+    n.add_argument("--device", type=device, help="cpu or cuda (default: cuda when available)")
+    n.add_argument("--iters", type=positive_int, default=5)
+    n.add_argument("--warmup", type=nonneg_int, default=1)
+    n.add_argument("--height", type=image_side, default=256)
+    n.add_argument("--width", type=image_side, default=384)
+    n.add_argument("--steps", type=ddim_steps, default=20)
+    n.add_argument("--seed", type=seed_int, default=2946901)
+    n.add_argument("--out", type=out_folder, help="folder for bench_<variant>.json")
     n.add_argument("--no-stages", action="store_true", help="time the whole pipeline only")
 
     s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images")

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from course_lib.cli.args import out_folder, positive_float, suffixed
 from course_lib.cli.common import load_model, say
-from course_lib.homework.safezip import ZipLimits
+from course_lib.homework.safezip import MAX_MEMORY_MB, TIMEOUT_S, ZipLimits
 
 
 def cmd_submit(args) -> int:
@@ -75,7 +76,7 @@ def cmd_grade(args) -> int:
     roster = read_roster(args.roster) if args.roster else None
     results = grade_folder(args.submissions, args.out, roster=roster, salt=args.salt, require_gpu=args.require_gpu,
                            points=_read_points(args.points), limits=limits, keep=args.keep,
-                           progress=not args.quiet)
+                           timeout=args.timeout, max_memory_mb=args.max_memory_mb, progress=not args.quiet)
     for row in map(summary_row, results):
         say(f"{row['student'] or row['zip']:<20} hw {row['homework']}: {row['score']:g} / {row['max_score']:g}"
              f" ({row['status']})")
@@ -89,19 +90,23 @@ def add_commands(sub) -> None:
     h.add_argument("--hw", required=True, choices=["1", "2", "3", "int8"])
     h.add_argument("--student", required=True, help="your ID (letters, digits, '.', '_', '-')")
     h.add_argument("--seed", type=int, default=0, help="the seed your instructor issued")
-    h.add_argument("--out", help="the zip to write (default: only run the checks and list the files)")
+    h.add_argument("--out", type=suffixed(".zip"), help="the zip to write (default: only run the checks and list the files)")
     h.add_argument("--work", default="homework", help="folder with hw1/, hw2/, hw3/, int8/ (default: homework)")
     h.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
     h.add_argument("--checkpoint", help="sd15: control_sd15_canny.pth or .safetensors, the reference for the tests")
 
     g = sub.add_parser("grade", help="instructors: grade a folder of submission zips on a CPU machine")
     g.add_argument("submissions", help="folder of *.zip")
-    g.add_argument("--out", required=True, help="results folder: <student>/results.json and summary.csv")
+    g.add_argument("--out", required=True, type=out_folder, help="results folder: <student>/results.json and summary.csv")
     g.add_argument("--roster", help="CSV student,seed of the seeds you issued")
     g.add_argument("--salt", default="", help="a secret mixed into the seeds of the re-check inputs")
     g.add_argument("--require-gpu", action="store_true", help="GPU evidence (engines) counts towards the score")
     g.add_argument("--points", help='JSON file {"test name": points, ...} overriding the default points')
     g.add_argument("--keep", action="store_true", help="keep each unpacked submission in <out>/<student>/files/")
+    g.add_argument("--timeout", type=positive_float, default=TIMEOUT_S,
+                   help="seconds one zip's grading may take (default %(default)g); over it, an error row")
+    g.add_argument("--max-memory-mb", type=positive_float, default=MAX_MEMORY_MB,
+                   help="MB of memory one zip's grading may allocate (default %(default)g); over it, an error row")
     for cmd in (h, g):
         cmd.add_argument("--max-members", type=int, default=ZipLimits.max_members,
                          help="files per zip (default %(default)s)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from course_lib.cli.args import fraction, image_file, positive_int, suffixed, yolo_size
 from course_lib.cli.common import add_tensorrt_option, say, use_tensorrt
 
 
@@ -113,26 +114,26 @@ def add_commands(sub) -> None:
                                  "(course_lib.yolov5.check: one definition of agreement)")):
         c = ysub.add_parser(name, help=text)
         c.add_argument("--size", choices=["n", "s", "m", "l", "x"], default="s")
-        c.add_argument("--nc", type=int, default=9, help="number of classes (course: 9)")
-        c.add_argument("--img-size", type=int, default=1120, help="square model input (course: 1120)")
+        c.add_argument("--nc", type=positive_int, default=9, help="number of classes (course: 9)")
+        c.add_argument("--img-size", type=yolo_size, default=1120, help="square model input (course: 1120)")
         c.add_argument("--weights", help="state_dict (.pt/.safetensors) of a model trained with ultralytics/yolov5")
         if name == "export":
-            c.add_argument("--out", required=True, help="the .onnx file to write")
+            c.add_argument("--out", required=True, type=suffixed(".onnx"), help="the .onnx file to write")
             c.add_argument("--dynamic-batch", action="store_true")
         if name == "build":
             c.add_argument("--onnx", required=True)
-            c.add_argument("--out", required=True, help="the .plan file to write")
+            c.add_argument("--out", required=True, type=suffixed(".plan"), help="the .plan file to write")
             c.add_argument("--fp16", action="store_true", help="build from an FP16 copy of the ONNX (chapter 3)")
-            c.add_argument("--batch", type=int, default=1)
+            c.add_argument("--batch", type=positive_int, default=1)
             c.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5")
         if name in ("detect", "check"):
             c.add_argument("--onnx", help="run this ONNX file with ONNX Runtime")
             c.add_argument("--plan", help="run this TensorRT plan")
             c.add_argument("--image", help="photo (default: a sample photo shipped with matplotlib)")
         if name == "detect":
-            c.add_argument("--conf", type=float, default=0.9, help="confidence threshold (default: 0.9, the course's)")
-            c.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default: 0.5, the course's)")
-            c.add_argument("--out", help="write the photo with its boxes here (.png)")
+            c.add_argument("--conf", type=fraction, default=0.9, help="confidence threshold (default: 0.9, the course's)")
+            c.add_argument("--iou", type=fraction, default=0.5, help="NMS IoU threshold (default: 0.5, the course's)")
+            c.add_argument("--out", type=image_file, help="write the photo with its boxes here (.png)")
         if name in ("build", "detect", "check"):
             add_tensorrt_option(c)
     y.set_defaults(func=cmd_yolo)

@@ -19,6 +19,9 @@ error naming it. Keys the course doesn't use are counted in the report, never si
 from __future__ import annotations
 
 import pickle
+import pickletools
+import re
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,11 +81,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"checkpoint {path}: not a readable .safetensors file ({e})") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            with warnings.catch_warnings():        # torch's notes on pickle protocols: the refusal says it all
+                warnings.filterwarnings("ignore", module=r"torch\._weights_only_unpickler")
+                warnings.filterwarnings("ignore", message=r".*(weights_only|pickle protocol)")
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"checkpoint {path}: refused to unpickle it -- it is not plain tensors "
-                             f"(weights_only=True: {first[:160]})") from None
+            raise ValueError(f"checkpoint {path}: refused to unpickle it -- it is not plain tensors, it calls "
+                             f"{_refused_callable(path, str(e))} (torch.load weights_only=True)") from None
         except Exception as e:  # torch.load fails in many ways on a file that isn't a checkpoint  # noqa: BLE001
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint ({first[:160]})") from None
@@ -91,6 +96,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path}: expected a dict of tensors (a state_dict), got {type(state).__name__}")
     return state
+
+
+def _refused_callable(path: Path, message: str) -> str:
+    """What a refused pickle would have called (e.g. ``posix.system``), from torch's message or, failing
+    that, from the pickle's opcodes (read, never run)."""
+    found = re.search(r"GLOBAL (\S+)", message) or re.search(r"Unsupported global: (\S+)", message)
+    if found:
+        return found.group(1).rstrip(".,:")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(name)[:2**24] if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(2**24)
+        strings, names = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"):
+                strings.append(str(arg))
+            elif op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+        odd = [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+        return ", ".join(dict.fromkeys(odd)) or "a function torch does not allow"
+    except Exception:  # a truncated or odd pickle: name nothing rather than fail here  # noqa: BLE001
+        return "a function torch does not allow"
 
 
 def to_course_names(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Counter]:

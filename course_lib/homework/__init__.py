@@ -91,6 +91,8 @@ def run_tests(ev: Evidence, progress: bool = False) -> list[Outcome]:
             status, output = "not re-checkable", f"not re-checkable on CPU: {e}"
         except NotApplicable as e:
             status, output = "not applicable", str(e)
+        except MemoryError:                 # over the grader's memory limit: the whole zip's error, not a test's
+            raise
         except Exception as e:  # a broken artifact fails its test, with the error's first line  # noqa: BLE001
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             status, output = "failed", f"{type(e).__name__}: {first}"

@@ -12,16 +12,21 @@ writing a byte and refuses (:class:`UnsafeSubmission`, one line naming the membe
   characters, or lies outside ``manifest.json`` / ``checks.json`` / ``artifacts/``;
 * a symbolic link or any other non-regular file, a duplicate name (also up to letter case);
 * a suffix outside :data:`ALLOWED_SUFFIXES` (no ``.pt``, ``.pth``, ``.pkl``, ``.plan``);
-* more members, more bytes per file or in all, or a higher compression ratio than :class:`ZipLimits`.
+* more members, more bytes per file or in all, or a higher compression ratio than :class:`ZipLimits`;
+* encryption, or a compression method other than stored or deflated (what ``submit`` writes).
 
 It then streams each member to a new file inside the destination (``O_EXCL | O_NOFOLLOW``) counting bytes.
 :func:`verify_hashes` compares the result with the manifest, :func:`check_file_types` sniffs the content of
 JSON / PNG / NPZ / safetensors members, and :func:`check_external_data` keeps an ONNX model's external-data
-paths inside the submission (ONNX Runtime would otherwise read any file a location names).
+paths inside the submission (ONNX Runtime would otherwise read any file a location names); those two
+content checks live in :mod:`course_lib.homework.contents`.
+
+Archives inside the archive are bounded before they are inflated: an ``.npz`` (itself a zip) is held to the
+same :class:`ZipLimits` member by member, and each ``.npy`` header must declare no more bytes than the member
+holds, before numpy reads it; a PNG's header must not declare more pixels than ``max_file_mb`` of data.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -36,6 +41,12 @@ ALLOWED_SUFFIXES = (".json", ".onnx", ".data", ".npz", ".png", ".safetensors")
 TOP_LEVEL = ("manifest.json", "checks.json", "artifacts/")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _CHUNK = 1 << 20
+
+
+TIMEOUT_S = 900.0
+"""Homework grading: default wall-clock limit of one zip's grading (seconds); a tiny HW1 takes well under a minute."""
+MAX_MEMORY_MB = 8192.0
+"""Homework grading: default memory (MB) one zip's grading may allocate on top of the grader's own."""
 
 
 class UnsafeSubmission(ValueError):
@@ -154,10 +165,16 @@ def inspect_zip(path: str | Path, limits: ZipLimits = ZipLimits()) -> list[zipfi
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         raise UnsafeSubmission(f"{path.name}: not a regular file (a link or a folder)")
-    if not zipfile.is_zipfile(path):
-        raise UnsafeSubmission(f"{path.name}: not a zip file")
-    with zipfile.ZipFile(path) as zf:
-        infos = zf.infolist()
+    try:
+        if not zipfile.is_zipfile(path):
+            raise UnsafeSubmission(f"{path.name}: not a zip file")
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:
+        if isinstance(e, UnsafeSubmission):
+            raise
+        raise UnsafeSubmission(f"{path.name}: a corrupt or unreadable zip ({type(e).__name__}: "
+                               f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
     if len(infos) > limits.max_members:
         raise UnsafeSubmission(f"{path.name}: {len(infos)} members, over the limit of {limits.max_members}")
     seen: set[str] = set()
@@ -177,6 +194,9 @@ def inspect_zip(path: str | Path, limits: ZipLimits = ZipLimits()) -> list[zipfi
             continue
         if info.flag_bits & 0x1:
             raise UnsafeSubmission(f"member {name!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise UnsafeSubmission(f"member {name!r} uses compression method {info.compress_type}; expected stored "
+                                   "or deflated (make the zip with python -m course_lib submit)")
         if info.file_size > limits.max_file_mb * 2**20:
             raise UnsafeSubmission(f"member {name!r} is {info.file_size / 2**20:.1f} MB, over the per-file limit "
                                    f"of {limits.max_file_mb:g} MB (grade --max-file-mb raises it)")
@@ -225,73 +245,3 @@ def safe_extract(path: str | Path, dest: str | Path, limits: ZipLimits = ZipLimi
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return written
-
-
-# ------------------------------------------------------------------------------------ content checks
-
-def check_file_types(root: str | Path, names: Iterable[str]) -> None:
-    """Homework grading: JSON parses, PNG has its magic, NPZ holds only ``.npy`` arrays without objects,
-    safetensors has its JSON header. Raises :class:`UnsafeSubmission` naming the first bad file."""
-    import numpy as np
-
-    root = Path(root)
-    for name in sorted(names):
-        path, suffix = root / name, PurePosixPath(name).suffix.lower()
-        try:
-            if suffix == ".json":
-                json.loads(path.read_text(encoding="utf-8"))
-            elif suffix == ".png":
-                with open(path, "rb") as f:
-                    if f.read(8) != PNG_MAGIC:
-                        raise ValueError("no PNG signature")
-            elif suffix == ".npz":
-                with zipfile.ZipFile(path) as zf:
-                    if any(not n.endswith(".npy") for n in zf.namelist()):
-                        raise ValueError("holds something other than .npy arrays")
-                with np.load(path, allow_pickle=False) as data:
-                    for key in data.files:
-                        data[key]
-            elif suffix == ".safetensors":
-                with open(path, "rb") as f:
-                    n = int.from_bytes(f.read(8), "little")
-                    if not 2 <= n <= 100 * 2**20:
-                        raise ValueError(f"header length {n}")
-                    json.loads(f.read(n))
-        except Exception as e:  # json, zipfile, numpy raise many kinds  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise UnsafeSubmission(f"{name}: not a valid {suffix[1:]} file ({first})") from None
-
-
-def external_data_locations(onnx_path: str | Path) -> list[str]:
-    """Homework grading: the external-data file names an ONNX model's initializers point at (graph only)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    found = []
-    for tensor in model.graph.initializer:
-        if onnx.external_data_helper.uses_external_data(tensor):
-            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-            if location not in found:
-                found.append(location)
-    return found
-
-
-def check_external_data(onnx_path: str | Path, root: str | Path, must_exist: bool = True) -> list[str]:
-    """Homework grading: every external-data location of ``onnx_path`` is a plain relative path that stays
-    inside ``root`` (and exists there, with ``must_exist``). Returns the locations; raises UnsafeSubmission."""
-    onnx_path, root = Path(onnx_path), Path(root).resolve()
-    try:
-        locations = external_data_locations(onnx_path)
-    except Exception as e:  # protobuf DecodeError  # noqa: BLE001
-        raise UnsafeSubmission(f"{onnx_path.name}: not a readable ONNX model ({type(e).__name__})") from None
-    for location in locations:
-        shown = f"{onnx_path.name}: external data location {location!r}"
-        if not location or location.startswith(("/", "\\")) or "\\" in location or ":" in location \
-                or any(p in ("", ".", "..") for p in location.split("/")):
-            raise UnsafeSubmission(f"{shown} is not a plain relative path inside the submission")
-        target = (onnx_path.parent / location).resolve()
-        if not target.is_relative_to(root):
-            raise UnsafeSubmission(f"{shown} points outside the submission")
-        if must_exist and not target.is_file():
-            raise UnsafeSubmission(f"{shown}: that file is not in the submission")
-    return locations

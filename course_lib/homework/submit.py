@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from course_lib.homework import ARTIFACTS, FOLDERS, Evidence, Outcome, derive_seed, homework_name, run_tests
-from course_lib.homework.safezip import ALLOWED_SUFFIXES, ZipLimits, check_external_data, hash_files, write_zip
+from course_lib.homework.contents import check_external_data
+from course_lib.homework.safezip import ALLOWED_SUFFIXES, ZipLimits, hash_files, write_zip
 
 FORMAT = "course_lib.submission/1"
 _STUDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -14,7 +14,7 @@ Files written for ``out/unet.onnx``::
 
     out/unet.onnx        the graph (and the weights, when the model stays under the threshold)
     out/unet.onnx.data   all weights in one file, when external data is used (models over 2 GB)
-    out/unet.onnx.json   sidecar: names, shapes, dtypes, opset, versions, sha256 of unet.onnx
+    out/unet.onnx.json   sidecar: names, shapes, dtypes, opset, versions, sha256 of unet.onnx, run id
 
 Everything is written into a hidden temporary folder next to the target and moved into place with
 ``os.replace`` only when complete, so an interrupted export leaves nothing under the final names.
@@ -34,9 +34,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from course_lib.files import sha256_file, temp_dir_beside
-from course_lib.onnx.external_data import (EXTERNAL_DATA_THRESHOLD_BYTES, gather_weights,
-                                           weight_bytes)
+from course_lib.files import naming_target, sha256_file, temp_dir_beside
+from course_lib.onnx.external_data import (EXTERNAL_DATA_THRESHOLD_BYTES, check_external_files,  # noqa: F401
+                                           external_tensors, gather_weights, weight_bytes)
 
 # protobuf cannot serialise a message over 2 GiB; stay a little below it (the graph itself needs room)
 
@@ -100,7 +100,7 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
                 dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
                 external_data: bool | str = "auto",
                 external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
-                do_constant_folding: bool = True, progress: bool = True) -> ExportResult:
+                do_constant_folding: bool = True, progress: bool = True, run_id: str | None = None) -> ExportResult:
     """Chapter 1: export ``module`` to ``path`` (e.g. ``out/unet.onnx``) with exact input/output names.
 
     Args:
@@ -117,10 +117,13 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
             ``external_data_threshold_bytes`` (default just under protobuf's 2 GiB limit).
         do_constant_folding: let torch fold constant subgraphs (smaller graphs for TensorRT).
         progress: show a tqdm bar with the export's stages.
+        run_id: recorded in the sidecar; the models of one folder share one (see
+            :mod:`course_lib.onnx.folder`). Default: a fresh one for this file.
     Returns:
         :class:`ExportResult` (paths, tensor infos, sha256); the sidecar ``<path>.json`` holds the same.
     Raises:
-        ValueError (bad argument or target), PermissionError (folder not writable).
+        ValueError (bad argument or target), PermissionError (folder not writable), OSError naming
+        ``path`` (e.g. a full disk; nothing is left under the final names).
     """
     from course_lib.progress import tqdm                          # a widget in JupyterLab, text elsewhere
 
@@ -136,6 +139,9 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
     if unknown:
         raise ValueError(f"dynamic_axes names {sorted(unknown)} are neither inputs nor outputs")
     path = _check_target(Path(path))
+    if run_id is None:
+        from course_lib.onnx.folder import new_run_id
+        run_id = new_run_id()
 
     start = time.perf_counter()
     tmp = _make_temp_dir(path)
@@ -172,10 +178,12 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
             outputs=tuple(_tensor_info(v) for v in model.graph.output),
             opset=opset, seconds=round(time.perf_counter() - start, 3), sha256=sha256_file(tmp_onnx))
         tmp_json = tmp / result.sidecar_path.name
-        tmp_json.write_text(json.dumps(_sidecar(result, dynamic_axes), indent=2) + "\n")
+        tmp_json.write_text(json.dumps(_sidecar(result, dynamic_axes, run_id), indent=2) + "\n")
         _move_into_place(tmp, path, data_name if use_external else None, result.sidecar_path.name)
         bar.update()
         return result
+    except OSError as e:                           # a full disk names unet.onnx, not the hidden folder
+        raise naming_target(e, path, tmp) from None
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,9 +192,11 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, output_names: 
 def load_onnx_checked(path, load_external_data: bool = True) -> onnx.ModelProto:
     """Chapter 1: open an exported ONNX model after ``onnx.checker`` (by path, so >2 GB models work).
 
-    Also checks that every external-data file exists and is long enough (a truncated ``.data`` file
-    would otherwise only fail at inference). ``load_external_data=False`` returns the graph without
-    the weights (cheap for the 3.4 GB UNet). Raises FileNotFoundError or ValueError (one line).
+    Also checks every tensor that keeps its data outside the .onnx (initializers, and tensors in node
+    attributes such as Constant's): its file must be a plain relative path inside the model's folder,
+    exist, and be long enough (a truncated ``.data`` file would otherwise only fail at inference).
+    ``load_external_data=False`` returns the graph without the weights (cheap for the 3.4 GB UNet).
+    Raises FileNotFoundError or ValueError (one line).
     """
     path = Path(path)
     if not path.is_file():
@@ -195,16 +205,7 @@ def load_onnx_checked(path, load_external_data: bool = True) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError, ...  # noqa: BLE001
         raise ValueError(f"{path} is not a valid ONNX model (truncated or corrupt?): {_first_line(e)}") from None
-    for tensor in model.graph.initializer:
-        if onnx.external_data_helper.uses_external_data(tensor):
-            info = {e.key: e.value for e in tensor.external_data}
-            data = path.parent / info["location"]
-            end = int(info.get("offset", 0)) + int(info.get("length", 0))
-            if not data.is_file():
-                raise FileNotFoundError(f"{path.name}: external data file {data} is missing")
-            if data.stat().st_size < end:
-                raise ValueError(f"{path.name}: external data file {data} is truncated "
-                                 f"({data.stat().st_size} bytes, tensor {tensor.name!r} ends at {end})")
+    check_external_files(model, path)
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:  # onnx ValidationError  # noqa: BLE001
@@ -297,8 +298,9 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(value.name, shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name)
 
 
-def _sidecar(result: ExportResult, dynamic_axes) -> dict:
+def _sidecar(result: ExportResult, dynamic_axes, run_id: str) -> dict:
     return {
+        "run_id": run_id,
         "onnx": result.path.name,
         "external_data": result.data_path.name if result.data_path else None,
         "sha256": result.sha256,

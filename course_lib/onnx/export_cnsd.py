@@ -2,7 +2,8 @@
 
 Chapter 1 introduces :func:`export_cnsd` and :func:`check_exports` (what ``python -m course_lib export``
 runs). Files: ``clip.onnx``, ``controlnet.onnx``, ``unet.onnx`` (+ ``unet.onnx.data`` for sd15: the fp32
-UNet is ~3.4 GB, over protobuf's 2 GB limit) and ``decoder.onnx``, each with a ``.json`` sidecar.
+UNet is ~3.4 GB, over protobuf's 2 GB limit) and ``decoder.onnx``, each with a ``.json`` sidecar. One
+export holds the folder's lock and gives every sidecar the same run id (:mod:`course_lib.onnx.folder`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from course_lib.onnx.compare import ComparisonTable, check_onnx_against_torch
 from course_lib.onnx.export import ExportResult, dynamic_axes_from_names, export_onnx
+from course_lib.onnx.folder import export_lock, new_run_id
 from course_lib.cnsd.contract import MODEL_NAMES, ModelContract, contracts, example_inputs
 
 DYNAMIC_CHOICES = ("B", "H", "W", "h", "w")  # batch, image height/width, latent height/width
@@ -48,21 +50,25 @@ def export_cnsd(cnsd: torch.nn.Module, out_dir: str | Path, *, batch: int = 1, h
                 progress: bool = True) -> dict[str, ExportResult]:
     """Chapter 1: export the CNSD sub-models to ``out_dir/<name>.onnx`` (static shapes unless ``dynamic``).
 
-    Returns ``{name: ExportResult}``. Inputs are seeded random tensors of the contract's shapes.
+    Returns ``{name: ExportResult}``. Inputs are seeded random tensors of the contract's shapes. The
+    folder is locked while the models are written (a second export into it is a ValueError) and their
+    sidecars share one run id, so a folder mixing two exports is caught later (``check_export_folder``).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is an existing file: expected a folder (it is created if missing)")
     table = contracts(cnsd.config, batch, height, width)
+    names = _models(models)
     device = next(cnsd.parameters()).device
-    results = {}
-    for name in _models(models):
-        contract = table[name]
-        feed = example_inputs(contract, seed=0, vocab_size=cnsd.config.clip.vocab_size)
-        results[name] = export_onnx(
-            cnsd.positional(name), {k: v.to(device) for k, v in feed.items()},
-            out_dir / f"{name}.onnx", output_names=contract.output_names, opset=opset,
-            dynamic_axes=dynamic_axes(contract, dynamic), progress=progress)
+    results, run_id = {}, new_run_id()
+    with export_lock(out_dir):
+        for name in names:
+            contract = table[name]
+            feed = example_inputs(contract, seed=0, vocab_size=cnsd.config.clip.vocab_size)
+            results[name] = export_onnx(
+                cnsd.positional(name), {k: v.to(device) for k, v in feed.items()},
+                out_dir / f"{name}.onnx", output_names=contract.output_names, opset=opset,
+                dynamic_axes=dynamic_axes(contract, dynamic), progress=progress, run_id=run_id)
     return results
 
 
@@ -78,9 +84,10 @@ def check_exports(cnsd: torch.nn.Module, out_dir: str | Path, *, batch: int = 1,
     table = contracts(cnsd.config, batch, height, width)
     tables = {}
     device = next(cnsd.parameters()).device
-    for name in _models(models):
-        feed = example_inputs(table[name], seed=seed, vocab_size=cnsd.config.clip.vocab_size)
-        feed = {k: v.to(device) for k, v in feed.items()}
-        tables[name] = check_onnx_against_torch(cnsd.positional(name), out_dir / f"{name}.onnx", feed,
-                                                rtol=rtol, atol=atol, providers=providers)
+    with export_lock(out_dir, exclusive=False):          # no export may write while the files are read
+        for name in _models(models):
+            feed = example_inputs(table[name], seed=seed, vocab_size=cnsd.config.clip.vocab_size)
+            feed = {k: v.to(device) for k, v in feed.items()}
+            tables[name] = check_onnx_against_torch(cnsd.positional(name), out_dir / f"{name}.onnx", feed,
+                                                    rtol=rtol, atol=atol, providers=providers)
     return ComparisonTable.combine(tables, title=f"ONNX Runtime vs torch, batch {batch}, {height}x{width}")

@@ -3,6 +3,10 @@
 Protobuf caps one message at 2 GB, so the fp32 UNet (3.4 GB) is saved as ``unet.onnx`` (the graph)
 plus ``unet.onnx.data`` (every tensor of 1 KiB or more, one after another), as ONNX's own
 ``save_model(save_as_external_data=True, all_tensors_to_one_file=True)`` writes it.
+
+Reading such a model trusts nothing: :func:`external_tensors` finds every tensor whose data lies outside
+the graph (node attributes and subgraphs too), :func:`check_external_files` keeps each one's file inside
+the model's folder and long enough (``load_onnx_checked`` calls it).
 """
 from __future__ import annotations
 
@@ -68,3 +72,62 @@ def weight_bytes(model: onnx.ModelProto, folder: Path) -> int:
         else:
             total += t.ByteSize()
     return total
+
+
+def check_external_files(model: onnx.ModelProto, path: Path) -> None:
+    """Chapter 1: every tensor of ``model`` (loaded from ``path`` without its data) that keeps its data
+    outside the .onnx names a plain relative file inside the model's folder, which exists and is long
+    enough (a truncated ``.data`` file would otherwise only fail at inference). FileNotFoundError or
+    ValueError, one line naming the tensor."""
+    folder = path.parent.resolve()
+    for tensor in external_tensors(model):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        data = path.parent / location
+        if not location or Path(location).is_absolute() or "\\" in location or \
+                not data.resolve().is_relative_to(folder):
+            raise ValueError(f"{path.name}: tensor {tensor.name!r} keeps its data in {location!r}, outside the "
+                             f"model's folder {path.parent}: refused (expected a file next to the .onnx)")
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise ValueError(f"{path.name}: tensor {tensor.name!r} has a bad external-data offset or length "
+                             f"({info.get('offset')!r}, {info.get('length')!r})") from None
+        if not data.is_file():
+            raise FileNotFoundError(f"{path.name}: external data file {data} is missing")
+        if data.stat().st_size < end:
+            raise ValueError(f"{path.name}: external data file {data} is truncated "
+                             f"({data.stat().st_size} bytes, tensor {tensor.name!r} ends at {end})")
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Chapter 1: every tensor of ``model`` whose data lives in an external file: initializers, sparse
+    initializers, and tensors held in node attributes (Constant's ``value``), in subgraphs and functions too."""
+    tensors: list[onnx.TensorProto] = []
+
+    def sparse(s: onnx.SparseTensorProto) -> None:
+        tensors.extend((s.values, s.indices))
+
+    def nodes(node_list) -> None:
+        for node in node_list:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    tensors.append(attr.t)
+                tensors.extend(attr.tensors)
+                if attr.HasField("sparse_tensor"):
+                    sparse(attr.sparse_tensor)
+                for s in attr.sparse_tensors:
+                    sparse(s)
+                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    graph(g)
+
+    def graph(g: onnx.GraphProto) -> None:
+        tensors.extend(g.initializer)
+        for s in g.sparse_initializer:
+            sparse(s)
+        nodes(g.node)
+
+    graph(model.graph)
+    for function in model.functions:
+        nodes(function.node)
+    return [t for t in tensors if onnx.external_data_helper.uses_external_data(t)]

@@ -57,15 +57,33 @@ def ort_session(path, providers: Sequence[str] | None = None):
     missing = [p for p in providers if p not in available]
     if missing:
         raise ValueError(f"ONNX Runtime providers {missing} are not installed here (available: {available})")
-    session = ort.InferenceSession(str(path), providers=list(providers))
+    try:
+        session = ort.InferenceSession(str(path), providers=list(providers))
+    except Exception as e:  # onnxruntime's Fail, InvalidProtobuf, NoSuchFile, ... (not RuntimeError)  # noqa: BLE001
+        if not _from_onnxruntime(e):
+            raise
+        from course_lib.onnx.export import load_onnx_checked
+
+        load_onnx_checked(path, load_external_data=False)      # says what is wrong with the file, if it can
+        raise ValueError(f"ONNX Runtime cannot open {path}: {_first_line(e)}") from None
     if providers and session.get_providers()[0] != providers[0]:
         warnings.warn(f"ONNX Runtime could not use {providers[0]} for {path.name}; "
                       f"running on {session.get_providers()[0]}", RuntimeWarning, stacklevel=2)
     return session
 
 
+def _from_onnxruntime(e: BaseException) -> bool:
+    return type(e).__module__.startswith("onnxruntime")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
 def ort_feed(session, feed: Mapping) -> dict[str, np.ndarray]:
-    """Torch tensors / arrays to numpy, checked against the model's input names and dtypes (no casts)."""
+    """Torch tensors / arrays to numpy, checked against the model's input names, dtypes (no casts) and the
+    sizes the model fixes (a ValueError naming the input)."""
     inputs = {i.name: i for i in session.get_inputs()}
     if set(feed) != set(inputs):
         raise ValueError(f"feed names {sorted(feed)} differ from the model inputs {sorted(inputs)}")
@@ -76,8 +94,24 @@ def ort_feed(session, feed: Mapping) -> dict[str, np.ndarray]:
         got = f"tensor({ {'float32': 'float', 'float64': 'double'}.get(array.dtype.name, array.dtype.name) })"
         if got != want:
             raise ValueError(f"input {name!r}: got {array.dtype.name}, the model expects {want}")
+        shape = tuple(d if isinstance(d, int) else None for d in (inputs[name].shape or []))
+        if len(array.shape) != len(shape) or any(w is not None and w != g for w, g in zip(shape, array.shape)):
+            shown = tuple("?" if w is None else w for w in shape)
+            raise ValueError(f"input {name!r} has shape {array.shape}, the model expects {shown} "
+                             "(export it at this size, or with dynamic axes)")
         out[name] = array
     return out
+
+
+def run_session(session, output_names: Sequence[str], feed: Mapping[str, np.ndarray], what: str = "the model"):
+    """``session.run`` with ONNX Runtime's own errors (a graph that loads but cannot run) as one ValueError
+    naming ``what``; returns the list of outputs."""
+    try:
+        return session.run(list(output_names), dict(feed))
+    except Exception as e:  # noqa: BLE001
+        if not _from_onnxruntime(e):
+            raise
+        raise ValueError(f"ONNX Runtime failed running {what}: {_first_line(e)}") from None
 
 
 def run_ort(session_or_path, feed: Mapping, output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -88,4 +122,5 @@ def run_ort(session_or_path, feed: Mapping, output_names: Sequence[str] | None =
     """
     session = ort_session(session_or_path) if isinstance(session_or_path, (str, os.PathLike)) else session_or_path
     names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, ort_feed(session, feed))))
+    what = os.fspath(session_or_path) if isinstance(session_or_path, (str, os.PathLike)) else "the model"
+    return dict(zip(names, run_session(session, names, ort_feed(session, feed), what)))
