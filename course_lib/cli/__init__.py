@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from course_lib.cli import cnsd, homework, yolo
+from course_lib.cli import cnsd, homework, toy, yolo
 from course_lib.env import MissingDependency
 
 EXIT_USAGE = 2
@@ -18,7 +18,7 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m course_lib", description="the course's scripts in one place (bad input: one error line, exit code 2)")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (cnsd, yolo, homework):
+    for group in (cnsd, yolo, homework, toy):
         group.add_commands(sub)
     return p
 
