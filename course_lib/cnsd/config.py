@@ -4,10 +4,12 @@ Chapter 1 introduces these. Each dataclass carries the field names of the origin
 cldm-style config maps over one to one, e.g. ``UNetConfig(**yaml["model"]["params"]["unet_config"]["params"])``
 (unknown keys such as ``use_checkpoint`` are ignored by :func:`from_yaml_params`).
 
-Two presets:
+Three presets:
 
 * ``sd15`` -- the real sizes (UNet 859.5M, ControlNet 361.3M, VAE decoder 49.5M, CLIP text 123.1M params);
-* ``tiny`` -- the same topology with small widths, random-initialised, for CPU lessons and CI.
+* ``tiny`` -- the same topology with small widths, random-initialised, for CPU lessons and CI;
+* ``toy``  -- the same topology, smaller still, with trained weights shipped in the package
+  (:mod:`course_lib.toy`: 64x64 images of coloured shapes that follow the hint's edges).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class VAEConfig:
     """AutoencoderKL decoder hyperparameters (cldm_v15.yaml ``first_stage_config.ddconfig``)."""
     embed_dim: int = 4
     z_channels: int = 4
+    in_channels: int = 3                     # the encoder's input (the toy trains the encoder too)
     out_ch: int = 3
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -109,11 +112,27 @@ def _tiny() -> CNSDConfig:
     )
 
 
-PRESETS = {"sd15": lambda: CNSDConfig(name="sd15"), "tiny": _tiny}
+def _toy() -> CNSDConfig:
+    """The trained toy (issue #18): tiny's topology sized to ~2.5M parameters (< 10 MB in fp32) for 64x64
+    images (8x8 latents). GroupNorm groups of 4 channels at the first level like SD's VAE (SD's UNet has
+    10); ids from the compact byte-level tokenizer (vocabulary 514, see ``byte_level_tokenizer``)."""
+    unet = dict(model_channels=12, num_heads=2, context_dim=64, norm_groups=3)
+    return CNSDConfig(
+        name="toy",
+        unet=UNetConfig(**unet),
+        controlnet=ControlNetConfig(**unet, hint_block_channels=(16, 16, 32, 32, 64, 64, 128)),
+        vae=VAEConfig(ch=8, norm_groups=2, resolution=64),
+        clip=CLIPTextConfig(vocab_size=514, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                            num_attention_heads=4, bos_token_id=512, eos_token_id=513, pad_token_id=513),
+    )
+
+
+PRESETS = {"sd15": lambda: CNSDConfig(name="sd15"), "tiny": _tiny, "toy": _toy}
 
 
 def get_config(name: str) -> CNSDConfig:
-    """Chapter 1: the config of a preset, ``"sd15"`` (real sizes) or ``"tiny"`` (CPU lessons, CI)."""
+    """Chapter 1: the config of a preset, ``"sd15"`` (real sizes), ``"tiny"`` (CPU lessons, CI) or ``"toy"``
+    (trained on coloured shapes, :mod:`course_lib.toy`)."""
     try:
         return PRESETS[name]()
     except KeyError:

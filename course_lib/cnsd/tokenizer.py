@@ -235,13 +235,17 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> CLIPTokenizer:
     raise FileNotFoundError(f"{path} holds no CLIP vocabulary: expected vocab.json + merges.txt or {BPE_FILE}")
 
 
-def byte_level_tokenizer(context_length: int = CONTEXT_LENGTH, use_ftfy: bool | None = None) -> CLIPTokenizer:
+def byte_level_tokenizer(context_length: int = CONTEXT_LENGTH, use_ftfy: bool | None = None,
+                         compact: bool = False) -> CLIPTokenizer:
     """Chapter 1: the offline fallback for the ``tiny`` preset: no merges, one id (< 512) per UTF-8 byte.
 
     Same cleaning, pre-tokenizer, ``</w>`` marks and BOS 49406 / EOS = pad 49407 as the real tokenizer;
     the ids are real CLIP byte-token ids, but the real model would see text split into single bytes.
+    ``compact=True`` numbers BOS 512 and EOS 513 instead: a 514-row token embedding (the trained ``toy``
+    preset, whose weights must fit in a few MB) instead of 49408 rows of which 514 are ever used.
     """
-    encoder = {t: i for i, t in enumerate(_byte_tokens())} | {BOS: 49406, EOS: 49407}
+    bos = 2 * 256 if compact else 49406
+    encoder = {t: i for i, t in enumerate(_byte_tokens())} | {BOS: bos, EOS: bos + 1}
     return CLIPTokenizer(encoder, [], source="built-in byte table", context_length=context_length,
                          use_ftfy=use_ftfy)
 
