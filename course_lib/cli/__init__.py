@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from course_lib.cli import cnsd, homework, yolo
+from course_lib.cli import cnsd, homework, serve, yolo
 from course_lib.env import MissingDependency
 from course_lib.threads import apply_thread_policy
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", help="CPU threads for PyTorch (default: $COURSE_THREADS, else 1 on machines "
                    "of up to 4 cores, else half the cores; see course_lib/threads.py)")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (cnsd, yolo, homework):
+    for group in (cnsd, yolo, homework, serve):
         group.add_commands(sub)
     return p
 
