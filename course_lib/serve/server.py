@@ -18,6 +18,8 @@ also after a crash or a kill.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import signal
 import socket
@@ -70,6 +72,15 @@ def check_port_free(port: int, host: str = HOST) -> None:
         except OSError:
             raise ServeError(f"port {port} on {host} is taken (another server?): choose another port, or "
                              f"leave the port out to get a free one") from None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the Python that started it dies (Linux prctl), so a
+    crashed notebook kernel or test run leaves no server behind."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)        # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def server_env(dist: TritonDist, threads: int = 1) -> dict[str, str]:
@@ -173,7 +184,9 @@ class TritonServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command(dist), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=server_env(dist, self.threads),
-                                            start_new_session=True)      # its own process group: stubs included
+                                            start_new_session=True,      # its own process group: stubs included
+                                            preexec_fn=_die_with_parent)
+        atexit.register(self.stop)                       # a kernel that exits normally stops it too
         try:
             self._wait_ready()
         except BaseException:
@@ -210,6 +223,7 @@ class TritonServer:
             self._signal(signal.SIGKILL)                 # stubs left behind by a crashed server
             code = self.process.returncode
         self._remove_shm()
+        atexit.unregister(self.stop)
         if self._own_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
         return code
