@@ -245,6 +245,9 @@ plt.show()
 #   each, and latency grows with the queue. With batching the server runs them together; one run of 8
 #   costs much less than 8 runs of 1 here, so throughput rises and latency stays lower.
 # * The batch sizes come from the server, not from us.
+# * Batching is not free for a lone user: canny2image's DDIM loop makes 82 sub-model calls one after
+#   the other, and each waits up to 2 ms for company. On this machine a whole request took ~770 ms
+#   served with batching, ~620 ms served without, ~500 ms in-process (docs/benchmarks.md).
 
 # %%
 by = {(r["model"], r["clients"]): r for r in rows}
