@@ -65,11 +65,12 @@ def test_no_import_cycle_between_modules():
 
 
 def test_lower_layers_never_import_upper_ones():
-    """Data flows one way: model -> ONNX -> precision -> TensorRT -> backends -> pipeline -> toy -> bench -> homework
-    -> CLI (env, files, timing, samples and score, the metrics, are the ground floor everything may use)."""
+    """Data flows one way: model -> ONNX -> precision -> TensorRT -> backends -> pipeline -> toy -> serve -> bench
+    -> homework -> CLI (env, files, timing, samples and score, the metrics, are the ground floor everything may use)."""
     layers = [("course_lib.cnsd", "course_lib.yolov5"), ("course_lib.onnx",), ("course_lib.precision",),
               ("course_lib.trt",), ("course_lib.backends",), ("course_lib.pipeline",), ("course_lib.toy",),
-              ("course_lib.bench",), ("course_lib.homework",), ("course_lib.cli", "course_lib.__main__")]
+              ("course_lib.serve",), ("course_lib.bench",), ("course_lib.homework",),
+              ("course_lib.cli", "course_lib.__main__")]
 
     def layer(module: str) -> int | None:
         for i, prefixes in enumerate(layers):

@@ -24,7 +24,8 @@ HARNESS_FIXTURE = REPO / "tests" / "data" / "notebook_harness" / "harness_demo.i
 
 # The chapter notebooks that must exist (source in notebooks/src/, built .ipynb in notebooks/).
 # The lead adds each chapter here when it lands, e.g. "01_export".
-EXPECTED_CHAPTERS: list[str] = ["01_export", "02_build", "03_fp16_cudagraph", "04_qkv_fusion", "05_int8", "06_yolov5"]
+EXPECTED_CHAPTERS: list[str] = ["01_export", "02_build", "03_fp16_cudagraph", "04_qkv_fusion", "05_int8", "06_yolov5",
+                                  "07_serve"]
 
 
 def _load_build_tool():

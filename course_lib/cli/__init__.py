@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from course_lib.cli import cnsd, homework, toy, yolo
+from course_lib.cli import cnsd, homework, serve, toy, yolo
 from course_lib.cli.args import OneLineParser, UsageError
 from course_lib.env import MissingDependency
 from course_lib.files import os_error_text
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", help="CPU threads for PyTorch (default: $COURSE_THREADS, else 1 on machines "
                    "of up to 4 cores, else half the cores; see course_lib/threads.py)")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (cnsd, yolo, homework, toy):
+    for group in (cnsd, yolo, homework, toy, serve):
         group.add_commands(sub)
     return p
 
