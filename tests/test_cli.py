@@ -252,10 +252,30 @@ def test_score_without_references_is_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_demo_small(tmp_path):
-    code, out, _ = run_main(["demo", "--out", tmp_path, "--height", SIZE, "--width", SIZE, "--steps", 2, "--quiet"])
+    code, out, _ = run_main(["demo", "--model", "tiny", "--out", tmp_path, "--height", SIZE, "--width", SIZE,
+                             "--steps", 2, "--quiet"])
     assert code == 0, out
     assert {"canny2image_torch.png", "canny2image_ort.png", "canny_hint.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "PASSED" in out and "max pixel difference" in out
+
+
+@pytest.mark.slow
+def test_demo_toy_draws_the_grid_and_scores_it(tmp_path):
+    from course_lib.toy.weights import TOY_WEIGHTS
+
+    assert TOY_WEIGHTS.is_file(), "the trained toy weights ship with course_lib (issue #18)"
+    code, out, _ = run_main(["demo", "--out", tmp_path, "--scenes", 2, "--steps", 2, "--quiet"])
+    assert code == 0, out
+    assert {"canny2image.png", "canny2image_torch.png", "canny2image_ort.png", "canny_hint.png"} <= \
+        {p.name for p in tmp_path.iterdir()}
+    assert "PASSED" in out and "edge F1" in out and "| torch |" in out and "| ort |" in out
+
+
+def test_run_toy_uses_the_trained_weights_and_its_tokenizer(tmp_path):
+    code, out, _ = run_main(["run", "--config", "toy", "--resolution", SIZE, "--steps", 2, "--prompt",
+                             "a red circle on a blue background", "--out", tmp_path / "toy.png"])
+    assert code == 0, out
+    assert "trained weights" in out and (tmp_path / "toy.png").is_file()
 
 
 def test_make_backends_kinds_and_errors(exported, tmp_path):

@@ -40,24 +40,78 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Chapter 1's whole story on the tiny model, offline: export, parity, canny2image on torch and ORT."""
+    """Chapter 1's whole story, offline: export, parity, canny2image on torch and ONNX Runtime -- on the trained
+    toy (images that follow the hint's edges and the prompt's colours) or, with ``--model tiny``, on random
+    tiny weights (structure only: the image is noise)."""
+    from course_lib.toy.weights import TOY_WEIGHTS, weights_status
+
+    if args.model == "toy" and not TOY_WEIGHTS.is_file():
+        say(weights_status() + "; the demo runs tiny instead")
+        args.model = "tiny"
+    return (_demo_toy if args.model == "toy" else _demo_tiny)(args)
+
+
+def _export_and_check(model, out: Path, height: int, width: int):
+    from course_lib.onnx.export_cnsd import check_exports, export_cnsd
+
+    say(f"exporting the four sub-models to ONNX ({height}x{width}) under {out / 'onnx'} ...")
+    export_cnsd(model, out / "onnx", height=height, width=width, progress=False)
+    say("checking each ONNX file against PyTorch on ONNX Runtime ...")
+    table = check_exports(model, out / "onnx", height=height, width=width)
+    say(str(table))
+    return table
+
+
+def _demo_toy(args) -> int:
     import numpy as np
 
     from course_lib.backends import make_backends
-    from course_lib.onnx.export_cnsd import check_exports, export_cnsd
+    from course_lib.pipeline.canny2image import Canny2Image
+    from course_lib.samples import write_image
+    from course_lib.score import max_pixel_diff
+    from course_lib.toy.data import IMAGE_SIZE
+    from course_lib.toy.evaluate import evaluate_pipeline, evaluation_table
+    from course_lib.toy.make import plot_samples
+
+    start, out = time.perf_counter(), Path(args.out)
+    model = load_model("toy", None)
+    tokenizer = make_tokenizer("toy", None)
+    table = _export_and_check(model, out, IMAGE_SIZE, IMAGE_SIZE)
+    rows, scores = {}, []
+    for kind in ("torch", "ort"):
+        say(f"canny2image on {kind}: {args.scenes} held-out shapes, {args.steps} DDIM steps, CFG 9 ...")
+        pipe = Canny2Image(make_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config)
+        rows[kind] = []
+        scores.append(evaluate_pipeline(pipe, kind, n=args.scenes, ddim_steps=args.steps, keep_images=rows[kind],
+                                        progress=not args.quiet))
+    for kind in rows:                                       # the first scene alone, as the tiny demo writes it
+        write_image(out / f"canny2image_{kind}.png", rows[kind][0][2])
+    write_image(out / "canny_hint.png", rows["torch"][0][1])
+    grid = plot_samples(rows, out / "canny2image.png", count=args.scenes)
+    say(evaluation_table(scores))
+    diff = max(max_pixel_diff(a[2], b[2]) for a, b in zip(rows["torch"], rows["ort"]))
+    say(f"images torch vs ONNX Runtime: max pixel difference {diff} over {len(rows['torch'])} scenes")
+    say(f"demo finished in {time.perf_counter() - start:.0f} s: {grid or out} (rows: input, hint, torch, ort)")
+    finite = all(np.isfinite(r[2]).all() for r in rows["ort"])
+    return 0 if table.passed and diff <= 2 and finite else 1
+
+
+def _demo_tiny(args) -> int:
+    import numpy as np
+
+    from course_lib.backends import make_backends
     from course_lib.pipeline.canny2image import Canny2Image
     from course_lib.samples import sample_photo, write_image
     from course_lib.score import max_pixel_diff, psnr
 
-    start = time.perf_counter()
-    out = Path(args.out)
+    start, out = time.perf_counter(), Path(args.out)
     model = load_model("tiny", None, seed=0)
     tokenizer = make_tokenizer("tiny", None)
     photo = sample_photo(size=(args.height, args.width))
-    export_cnsd(model, out / "onnx", height=args.height, width=args.width, progress=False)
-    table = check_exports(model, out / "onnx", height=args.height, width=args.width)
+    table = _export_and_check(model, out, args.height, args.width)
     images = {}
     for kind in ("torch", "ort"):
+        say(f"canny2image on {kind} ({args.steps} DDIM steps) ...")
         pipe = Canny2Image(make_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config,
                            progress=not args.quiet)
         images[kind] = pipe.process(photo, "a bird", image_resolution=min(args.height, args.width),
@@ -65,11 +119,10 @@ def cmd_demo(args) -> int:
         write_image(out / f"canny2image_{kind}.png", images[kind])
         say(f"{kind:5s}: {pipe.last_timings.total:.0f} ms -> {out / f'canny2image_{kind}.png'}")
     write_image(out / "canny_hint.png", pipe.last_edge_map)
-    say(str(table))
     diff = max_pixel_diff(images["torch"], images["ort"])
     say(f"image torch vs ONNX Runtime: max pixel difference {diff}, PSNR {psnr(images['torch'], images['ort']):.1f} dB")
     say(f"demo finished in {time.perf_counter() - start:.0f} s (random tiny weights: the image is noise-like "
-         "by design; load the sd15 checkpoint for real pictures)")
+        "by design; the toy model follows the edges, sd15 with its checkpoint draws real pictures)")
     return 0 if table.passed and diff <= 2 and np.isfinite(images["ort"]).all() else 1
 
 
@@ -149,15 +202,19 @@ def add_commands(sub) -> None:
     """Register env, demo, export, build, run, bench and score with their handlers."""
     sub.add_parser("env", help="what this machine can run (GPU, CUDA, TensorRT, ORT) and which cells skip").set_defaults(func=cmd_env)
 
-    d = sub.add_parser("demo", help="chapter 1 on the tiny model, offline: export, parity, canny2image on torch and ORT")
+    d = sub.add_parser("demo", help="chapter 1 offline: export, parity, canny2image on torch and ORT (the trained toy)")
+    d.add_argument("--model", choices=["toy", "tiny"], default="toy",
+                   help="toy: trained weights shipped with course_lib, 64x64 shapes; tiny: random weights, structure only "
+                        "(default: toy)")
+    d.add_argument("--scenes", type=positive_int, default=8, help="toy: held-out shapes to draw (default 8)")
     d.add_argument("--out", default="demo_out", type=out_folder, help="folder for the ONNX files and images (default: demo_out)")
-    d.add_argument("--height", type=image_side, default=128, help="image height (default 128: under a minute on 2 CPU cores)")
-    d.add_argument("--width", type=image_side, default=192, help="image width (default 192; the course scores 256x384)")
+    d.add_argument("--height", type=image_side, default=128, help="tiny: image height (default 128: under a minute on 2 CPU cores)")
+    d.add_argument("--width", type=image_side, default=192, help="tiny: image width (default 192; the course scores 256x384)")
     d.add_argument("--steps", type=ddim_steps, default=20, help="DDIM steps (default 20, as the course)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("export", help="export the four CNSD models to ONNX and check them against torch")
-    e.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    e.add_argument("--config", choices=["tiny", "toy", "sd15"], default="tiny")
     e.add_argument("--checkpoint", help="control_sd15_canny.pth or .safetensors (default: random weights)")
     e.add_argument("--out", required=True, type=out_folder, help="output folder")
     e.add_argument("--batch", type=positive_int, default=1)
@@ -186,7 +243,7 @@ def add_commands(sub) -> None:
     r.add_argument("--image", help="input photo (default: a sample photo shipped with matplotlib)")
     r.add_argument("--prompt", default="a bird")
     r.add_argument("--out", required=True, type=image_file, help="output image (.png)")
-    r.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    r.add_argument("--config", choices=["tiny", "toy", "sd15"], default="tiny")
     r.add_argument("--checkpoint", help="weights for --backend torch (default: random, --seed-weights)")
     r.add_argument("--seed-weights", type=seed_int, default=0)
     r.add_argument("--onnx-dir", help="folder with clip/controlnet/unet/decoder.onnx (--backend ort)")

@@ -8,10 +8,16 @@ def say(msg: str) -> None:
 
 
 def load_model(config: str, checkpoint: str | None, seed: int = 0):
-    """The CNSD model of a preset: the checkpoint's weights if given, else seeded random weights."""
+    """The CNSD model of a preset: the checkpoint's weights if given, else the toy's trained weights (``toy``),
+    else seeded random weights."""
     from course_lib.cnsd import build_cnsd, get_config
     from course_lib.cnsd.checkpoint import load_checkpoint
 
+    if config == "toy" and not checkpoint:
+        from course_lib.toy.weights import TOY_WEIGHTS, load_toy
+
+        say(f"building CNSD (toy) and loading its trained weights ({TOY_WEIGHTS.name}, shipped with course_lib)")
+        return load_toy()
     cfg = get_config(config)
     say(f"building CNSD ({config})" + (f" and loading {checkpoint}" if checkpoint else f", random weights (seed {seed})"))
     model = build_cnsd(cfg, seed=seed)
@@ -21,11 +27,14 @@ def load_model(config: str, checkpoint: str | None, seed: int = 0):
 
 
 def make_tokenizer(config: str, vocab: str | None):
-    """The tiny preset runs offline on the byte-level tokenizer; sd15 needs CLIP's real vocabulary."""
+    """tiny runs offline on the byte-level tokenizer, toy on its compact variant (the one it was trained with);
+    sd15 needs CLIP's real vocabulary (shipped with course_lib)."""
     from course_lib.cnsd.tokenizer import byte_level_tokenizer, get_tokenizer
 
     if vocab is None and config == "tiny":
         return byte_level_tokenizer()
+    if vocab is None and config == "toy":
+        return byte_level_tokenizer(compact=True)
     return get_tokenizer(vocab)
 
 

@@ -109,7 +109,8 @@ def weights_status(path: str | Path = TOY_WEIGHTS) -> str:
         return (f"toy weights not there yet: {path} is made by `{RETRAIN}` (issue #18); "
                 "until then lessons run the random tiny preset")
     card_path = path.with_name(CARD_NAME)
-    line = f"toy weights: {path} ({path.stat().st_size / 1e6:.1f} MB)"
+    shown = f"course_lib/data/{path.name}" if path.resolve() == TOY_WEIGHTS.resolve() else str(path)
+    line = f"toy weights: {shown} ({path.stat().st_size / 1e6:.1f} MB)"
     if card_path.is_file():
         trained = json.loads(card_path.read_text()).get("evaluation", {}).get("trained", {})
         if trained:
