@@ -64,6 +64,12 @@ def _as_float32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
+def stores_channels_last(module: torch.nn.Module) -> bool:
+    """Chapter 3: whether ``module``'s k x k convolution weights (k > 1) are stored channels-last (NHWC)."""
+    return any(p.dim() == 4 and p.shape[-1] > 1 and not p.is_contiguous()
+               and p.is_contiguous(memory_format=torch.channels_last) for p in module.parameters())
+
+
 class TorchBackend:
     """Chapter 1: run a PyTorch module through the backend interface.
 
@@ -75,8 +81,9 @@ class TorchBackend:
 
     The module runs under ``torch.inference_mode`` on its own device and dtype: floating inputs are cast
     to the module's dtype (an fp16 module gets fp16 inputs), integer inputs to the contract's dtype
-    (int32), and outputs are returned float32 on the feed's device. Outputs are inference tensors:
-    use them out of place (``y = y + 1``, not ``y += 1``) outside inference mode.
+    (int32), and outputs are returned float32 on the feed's device. A module whose convolutions are
+    stored channels-last (chapter 3's "cl") gets its 4-D floating inputs channels-last too. Outputs are
+    inference tensors: use them out of place (``y = y + 1``, not ``y += 1``) outside inference mode.
     """
 
     def __init__(self, module: torch.nn.Module, contract, name: str | None = None):
@@ -89,10 +96,14 @@ class TorchBackend:
         param = next((p for p in module.parameters() if p.is_floating_point()), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None else torch.float32
+        self.channels_last = stores_channels_last(module)
 
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype if t.is_floating_point() else self._dtypes[name]
-        return t.to(device=self.device, dtype=dtype)
+        t = t.to(device=self.device, dtype=dtype)
+        if self.channels_last and t.dim() == 4 and t.is_floating_point():
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
 
     def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Chapter 1: run the module on a feed by name; returns ``{output name: float32 tensor}``."""
@@ -315,5 +326,5 @@ def make_backends(kind: str, model=None, onnx_dir: str | os.PathLike | None = No
     return {n: TrtBackend(os.path.join(folder, f"{n}.plan"), use_cuda_graph=use_cuda_graph) for n in MODEL_NAMES}
 
 
-__all__ = ["Backend", "BACKEND_KINDS", "check_feed", "TorchBackend", "OrtBackend", "TrtBackend", "GraphedBackend",
+__all__ = ["Backend", "BACKEND_KINDS", "check_feed", "stores_channels_last", "TorchBackend", "OrtBackend", "TrtBackend", "GraphedBackend",
            "make_backends", "MissingDependency"]

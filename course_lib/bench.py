@@ -208,7 +208,8 @@ def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, 
                    pipes: dict | None = None) -> dict:
     """Chapter 3: measure one variant (a :class:`course_lib.pipeline.speedups.Switches` name) end to end.
 
-    ``models``: ``{"fp32": CNSD on device}``; the fp16 copy is made once and kept there (``"fp16"``).
+    ``models``: ``{"fp32": CNSD on device}``; other forms (fp16, cl, fp8) are made once and kept there
+    (:func:`course_lib.pipeline.speedups.model_for`).
     ``pipes``: a dict the caller keeps to reuse pipelines (their CUDA graphs, compiled code) between
     variants that differ only in steps or eps reuse (:attr:`Switches.build_key`).
     Returns ``{variant, switches, first_call_ms, total (summarize), stages {name: summarize},
@@ -219,17 +220,14 @@ def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, 
 
     import torch
 
-    from course_lib.pipeline.eps import ReuseEps
-    from course_lib.pipeline.speedups import Switches, global_switches, make_pipeline, to_half
+    from course_lib.pipeline.speedups import Switches, global_switches, make_pipeline, model_for, with_reuse
     from course_lib.score import max_pixel_diff, psnr
 
     switches = Switches.from_name(variant)
     result: dict = {"variant": switches.name, "switches": asdict(switches)}
     if switches.needs_cuda and torch.device(device).type != "cuda":
         return {**result, "skipped": "needs a CUDA GPU"}
-    if switches.dtype not in models:
-        models[switches.dtype] = to_half(models["fp32"])
-    model = models[switches.dtype]
+    model = model_for(switches, models)
     cuda = torch.device(device).type == "cuda"
     timer = (lambda fn, w, n: time_cuda(fn, w, n)) if cuda else (lambda fn, w, n: time_cpu(fn, w, n))
     with global_switches(switches, model):
@@ -238,13 +236,13 @@ def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, 
             pipe = make_pipeline(model, tokenizer, switches.build_key, device)
             pipes[switches.build_key] = (pipe, pipe.eps)
         pipe, base_eps = pipes[switches.build_key]
-        pipe.eps = ReuseEps(base_eps, switches.reuse_every) if switches.reuse_every else base_eps
+        pipe.eps = with_reuse(base_eps, switches.reuse_every)
         run = lambda: pipe.process(photo, prompt, image_resolution=min(photo.shape[:2]),  # noqa: E731
                                    ddim_steps=switches.steps or steps, seed=seed)[0]
         start = time.perf_counter()
         image = run()                                 # first call: compiles; graphs warm up and capture the step
         result["first_call_ms"] = (time.perf_counter() - start) * 1e3
-        untimed = max(warmup - 1, 1 if switches.cuda_graph else 0)   # CLIP and decoder capture on the 2nd image
+        untimed = max(warmup - 1, 1 if switches.cuda_graph or switches.loop_graph else 0)   # graphs capture on the 2nd image
         result["total"] = summarize(timer(run, untimed, iters))
         result["reused_steps"] = getattr(pipe.eps, "reused", 0)
         if reference_image is not None:

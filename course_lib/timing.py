@@ -64,6 +64,29 @@ def time_cpu(fn: Callable[[], object], warmup: int = 1, iters: int = 10,
     return samples
 
 
+def time_each(fn: Callable[[object], object], inputs: Sequence, cuda: bool) -> tuple[list[float], list]:
+    """Chapter 3: ``fn(x)`` for each of ``inputs``, each call timed alone: on a GPU with CUDA events after a
+    synchronize (the host work inside the call counts, as in the course's latency rule), on the CPU with
+    ``perf_counter``. Returns (milliseconds, outputs), both in the order of ``inputs``."""
+    samples, outputs = [], []
+    for x in inputs:
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            outputs.append(fn(x))
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            outputs.append(fn(x))
+            samples.append((time.perf_counter() - t) * 1e3)
+    return samples, outputs
+
+
 def _check_counts(warmup: int, iters: int) -> None:
     if iters < 1 or warmup < 0:
         raise ValueError(f"warmup={warmup}, iters={iters}: expected warmup >= 0 and iters >= 1")

@@ -57,6 +57,11 @@ def test_time_cpu_counts_calls_and_syncs():
         timing.time_cpu(lambda: None, iters=0)
 
 
+def test_time_each_times_every_input_alone_and_keeps_the_outputs():
+    samples, outs = timing.time_each(lambda x: x * 2, [3, 1, 2], cuda=False)
+    assert outs == [6, 2, 4] and len(samples) == 3 and all(s >= 0 for s in samples)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_time_cuda_without_gpu_says_so():
     with pytest.raises(ValueError, match="no CUDA device"):

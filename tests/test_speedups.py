@@ -13,7 +13,11 @@ from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.cnsd.unet import GroupNorm32
 from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.pipeline.eps import GraphedEps, GuidedEps, HintOnce, ReuseEps
-from course_lib.pipeline.speedups import LADDER, Switches, eps_strategy, make_pipeline, to_half, torch_backends
+from course_lib.pipeline.loopgraph import LoopGraphEps
+from course_lib.pipeline.speedups import (
+    COMPILE_MAX_MODE, HOPPER_LADDER, LADDER, Switches, eps_strategy, form_name, make_pipeline, model_for, to_half,
+    torch_backends,
+)
 from course_lib.score import max_pixel_diff, psnr
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -67,6 +71,39 @@ def test_variant_names_round_trip_and_reject_typos():
         Switches(reuse_every=1)
 
 
+def test_hopper_switch_names_round_trip_and_validate():
+    names = HOPPER_LADDER + ("fp16-batched-graph-sdpa-hint-once-compile-max-cl-loop-graph",
+                             "fp16-batched-graph-sdpa-hint-once-compile-cl-loop-graph-fp8-reuse-eps4-steps8-cache-text",
+                             "fp32-batched-cl", "fp16-batched-loop-graph")
+    for name in names:
+        assert Switches.from_name(name).name == name
+    s = Switches.from_name("fp16-batched-graph-sdpa-hint-once-compile-max-cl-loop-graph-fp8")
+    assert (s.compile, s.compile_max, s.channels_last, s.loop_graph, s.fp8, s.cuda_graph) == (True,) * 6
+    assert s.compile_mode == COMPILE_MAX_MODE == "max-autotune-no-cudagraphs"
+    assert Switches.from_name("fp16-batched-compile").compile_mode == "default" and Switches().compile_mode is None
+    assert Switches.from_name("cl-fp32-batched").name == "fp32-batched-cl"                  # any order in, one out
+    assert not Switches.from_name("fp32-batched-cl").needs_cuda                              # cl runs on a CPU
+    assert Switches.from_name("fp16-batched-loop-graph").needs_cuda and Switches.from_name("fp16-batched-fp8").needs_cuda
+    assert [form_name(Switches.from_name(n)) for n in ("fp32-separate", "fp16-batched-cl", names[1])] == \
+        ["fp32", "fp16-cl", "fp16-cl"]
+    with pytest.raises(ValueError, match="compile_max needs compile=True"):
+        Switches(compile_max=True)
+    with pytest.raises(ValueError, match="fp8 needs dtype='fp16'"):
+        Switches.from_name("fp32-batched-fp8")
+    with pytest.raises(ValueError, match="unknown part 'max'"):
+        Switches.from_name("fp16-batched-max")
+
+
+def test_model_for_makes_each_form_once_from_the_one_before(cnsd):
+    models = {"fp32": cnsd}
+    half = model_for("fp16-batched", models)
+    assert model_for("fp16-batched-graph", models) is half and half is not cnsd
+    cl = model_for("fp16-batched-cl", models)
+    assert sorted(models) == ["fp16", "fp16-cl", "fp32"] and cl.unet.input_blocks[0][0].weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="expected at least 'fp32'"):
+        model_for("fp16-batched", {})
+
+
 def test_each_switch_is_a_backend_or_an_eps_strategy(cnsd):
     eps = eps_strategy("fp16-batched-graph-sdpa-hint-once-reuse-eps4", cnsd)
     assert isinstance(eps, ReuseEps) and isinstance(eps.inner, GraphedEps) and isinstance(eps.inner.inner, HintOnce)
@@ -77,6 +114,10 @@ def test_each_switch_is_a_backend_or_an_eps_strategy(cnsd):
     backends = torch_backends(cnsd, Switches.from_name("fp32-batched-graph"))
     assert isinstance(backends["clip"], GraphedBackend) and isinstance(backends["decoder"], GraphedBackend)
     assert isinstance(backends["unet"], TorchBackend)                      # the step is graphed as a whole
+    loop = eps_strategy("fp16-batched-graph-sdpa-hint-once-compile-max-loop-graph", cnsd)
+    assert isinstance(loop, LoopGraphEps) and isinstance(loop.inner, HintOnce)      # the loop graph replaces "graph"
+    compiled = torch_backends(cnsd, Switches.from_name("fp16-batched-compile-max"))["unet"].module
+    assert type(compiled).__name__ == "OptimizedModule"                               # lazy: nothing compiles here
 
 
 def test_to_half_runs_groupnorm32_in_fp32_and_leaves_the_original(cnsd):
@@ -127,6 +168,8 @@ def test_cache_text_encodes_each_prompt_once(cnsd, photo):
 def test_bad_combinations_raise_one_clear_error(cnsd, tokenizer):
     with pytest.raises(ValueError, match="need device cuda"):
         make_pipeline(cnsd, tokenizer, "fp32-batched-graph", "cpu")
+    with pytest.raises(ValueError, match="graph, loop-graph, compile and fp8 need device cuda, got cpu"):
+        make_pipeline(cnsd, tokenizer, "fp32-batched-loop-graph", "cpu")
     with pytest.raises(ValueError, match="to_half"):
         make_pipeline(cnsd, tokenizer, "fp16-batched", "cpu")
 

@@ -43,7 +43,8 @@ def control_scales(strength: float = 1.0, guess_mode: bool = False) -> list[floa
 class StageTimings:
     """Chapter 1: milliseconds of each stage of the last ``process()``; ``with timings("clip"): ...`` times one.
 
-    ``steps`` has one entry per DDIM step (ControlNet + UNet + guidance). Stages end with a CUDA
+    ``steps`` has one entry per DDIM step (ControlNet + UNet + guidance), or one for all of them when
+    the eps strategy runs the whole loop (chapter 3's loop graph). Stages end with a CUDA
     synchronize on a GPU, so they are real GPU time. Disabled, only ``total`` is measured (it ends with
     the images' copy to the host, which waits for the GPU anyway).
     """
@@ -184,17 +185,24 @@ class Canny2Image:
             schedule = make_ddim_schedule(ddim_steps, eta)
             conditioning = Conditioning(cond, uncond, hint, tuple(control_scales(strength, guess_mode)), scale,
                                         guess_mode)
-            eps_fn = self.eps.eps_fn(self.backends, conditioning, schedule)
-
-            def timed_eps(x: torch.Tensor, timestep: int) -> torch.Tensor:
-                with timings("steps"):
-                    return eps_fn(x, timestep)
-
             x = x_T.to(self.device, torch.float32)
             self.last_latents = [x.cpu().clone()] if self.record_latents else []
-            record = (lambda i, t, x_prev, x0: self.last_latents.append(x_prev.cpu().clone())) \
-                if self.record_latents else None
-            latent = ddim_sample(timed_eps, x, schedule, generator=generator, progress=self.progress, callback=record)
+            if self.eps.whole_loop:       # chapter 3's loop graph: all steps in one replay, one "steps" timing
+                if self.record_latents:
+                    raise ValueError(f"record_latents: {self.eps!r} runs the whole loop at once, no latent per step")
+                with timings("steps"):
+                    latent = self.eps.sample(self.backends, conditioning, schedule, x)
+            else:
+                eps_fn = self.eps.eps_fn(self.backends, conditioning, schedule)
+
+                def timed_eps(x: torch.Tensor, timestep: int) -> torch.Tensor:
+                    with timings("steps"):
+                        return eps_fn(x, timestep)
+
+                record = (lambda i, t, x_prev, x0: self.last_latents.append(x_prev.cpu().clone())) \
+                    if self.record_latents else None
+                latent = ddim_sample(timed_eps, x, schedule, generator=generator, progress=self.progress,
+                                     callback=record)
             # 5. latent -> uint8 images (the copy to the host waits for the GPU)
             with timings("decoder"):
                 images = self.decode(latent)

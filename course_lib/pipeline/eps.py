@@ -46,8 +46,12 @@ def innermost(backend: Backend) -> Backend:
 
 
 class EpsStrategy:
-    """Chapter 1: the protocol: ``guidance``, ``prepare`` (per image), ``step`` (per step), ``eps_fn``."""
+    """Chapter 1: the protocol: ``guidance``, ``prepare`` (per image), ``step`` (per step), ``eps_fn``.
+
+    ``whole_loop`` strategies (chapter 3's :class:`~course_lib.pipeline.loopgraph.LoopGraphEps`) run the
+    DDIM loop themselves: ``Canny2Image`` calls their ``sample(backends, c, schedule, x_T)`` instead."""
     guidance: str = "separate"
+    whole_loop: bool = False
 
     def prepare(self, backends: Mapping[str, Backend], c: Conditioning) -> Conditioning:
         return c
@@ -112,17 +116,20 @@ class HintOnce(GuidedEps):
     """Chapter 3: the hint block once per image (its input, the hint, is the same at every step).
 
     ``model`` is the torch CNSD (its ControlNet is used directly; ``compile`` wraps it in
-    ``torch.compile``). The pipeline's own ControlNet backend must be torch too: :data:`HINT_ONCE_NEEDS`.
+    ``torch.compile``, a string names the mode, e.g. "max-autotune-no-cudagraphs"). The pipeline's own ControlNet backend must be torch too: :data:`HINT_ONCE_NEEDS`.
     """
 
-    def __init__(self, model: torch.nn.Module, guidance: str = "separate", compile: bool = False):
+    def __init__(self, model: torch.nn.Module, guidance: str = "separate", compile: bool | str = False):
         super().__init__(guidance)
         contract = contracts(model.config)["controlnet"]
         guided = replace(contract.outputs[0], name="guided_hint")           # control0's shape: (B, mc, h, w)
         self.hint_block = TorchBackend(_HintBlock(model.controlnet),
                                        ModelContract("hint_block", (contract.inputs[1],), (guided,)))
         controlnet = _FromGuidedHint(model.controlnet)
-        self.controlnet = TorchBackend(torch.compile(controlnet, dynamic=False) if compile else controlnet, contract)
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            controlnet = torch.compile(controlnet, dynamic=False, mode=mode)
+        self.controlnet = TorchBackend(controlnet, contract)
 
     def prepare(self, backends, c):
         if not isinstance(innermost(backends["controlnet"]), TorchBackend):
@@ -183,6 +190,8 @@ class ReuseEps(EpsStrategy):
     def __init__(self, inner: EpsStrategy | None = None, every: int = 4):
         if every < 2:
             raise ValueError(f"every={every}: expected >= 2 (1 would reuse every step)")
+        if getattr(inner, "whole_loop", False):
+            raise ValueError(f"{inner!r} runs the whole loop: bake the reuse in with its with_reuse({every})")
         self.inner, self.every, self.reused = inner or GuidedEps(), every, 0
         self.guidance = self.inner.guidance
 
