@@ -295,14 +295,15 @@ def _client_class():
     return Client, CurrentPythonKernel
 
 
-def execute(nb, run: list[bool], cwd: Path = NOTEBOOKS, timeout: int = 600):
-    """Execute the code cells where ``run[i]`` is True, in ``cwd``, with a current-env kernel."""
+def execute(nb, run: list[bool], cwd: Path = NOTEBOOKS, timeout: int = 600, allow_errors: bool = False):
+    """Execute the code cells where ``run[i]`` is True, in ``cwd``, with a current-env kernel
+    (``allow_errors``: a cell that raises keeps its error output and the next cell runs)."""
     client_cls, km_cls = _client_class()
     for cell, yes in zip(nb.cells, run):
         if cell.cell_type == "code" and not yes:
             cell.metadata.setdefault("tags", []).append(_SKIP_EXECUTION)
     client = client_cls(nb, kernel_name="python3", kernel_manager_class=km_cls, timeout=timeout,
-                        record_timing=False, skip_cells_with_tag=_SKIP_EXECUTION,
+                        record_timing=False, skip_cells_with_tag=_SKIP_EXECUTION, allow_errors=allow_errors,
                         shutdown_kernel="immediate", resources={"metadata": {"path": str(cwd)}})
     try:
         client.execute()
