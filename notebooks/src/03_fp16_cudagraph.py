@@ -334,9 +334,41 @@ plt.show()
 # CFG halves it; a CUDA graph per step is the big jump (launch overhead gone); SDPA attention and the
 # hint-once trick add a little; `torch.compile` fuses kernels (GroupNorm + SiLU, attention epilogues)
 # and lands near 160 ms — still about 8× the floor, because at these small shapes each kernel is
-# short and the matrix units idle between them. TensorRT does the same fusions with its own kernels:
-# the cells below build FP16 engines from the FP16 ONNX of section 3 (with any TensorRT builder: on a CPU
-# with TensorRT for RTX) and time them on a GPU.
+# short and the matrix units idle between them.
+#
+# ### 7b. Where the last 160 ms go: Hopper without TensorRT
+#
+# `tools/hopper_speed.py` measures more switches in one run, side by side with the fp32 original and
+# against its image (`Switches` names them: `loop-graph` captures the whole 20-step DDIM loop in one
+# CUDA graph with static buffers, `cl` channels-last convolutions, `fp8` FP8 linears through
+# `torch._scaled_mm`, `compile-max` inductor's max-autotune), and profiles one DDIM step by kernel
+# class. The committed run (an H200; the table and the analysis are in `docs/benchmarks.md`):
+
+# %%
+from IPython.display import Image, Markdown, display  # noqa: E402
+
+from course_lib.profiling import kernel_table  # noqa: E402
+from course_lib.speed_report import speed_table  # noqa: E402
+
+hopper = json.loads(Path("../docs/bench/h200_hopper.json").read_text())
+print(f"measured on {hopper['environment']['gpu']}, torch {hopper['environment']['torch']}, "
+      f"floor {hopper['settings']['floor_ms']:.1f} ms; not run there: {[s['what'] for s in hopper['skipped']]}")
+display(Markdown(speed_table(hopper)))
+display(Markdown(kernel_table({k: v for k, v in hopper["profiles"].items() if "classes" in v})))
+display(Image("../docs/bench/h200_hopper.png", width=900))
+
+# %% [markdown]
+# Read the profile before reaching for a switch. In eager PyTorch a third of the step is *layout*:
+# cuDNN's fast convolutions want NHWC, the model holds NCHW, so 221 `nchwToNhwc` kernels run per step;
+# `torch.compile` removes them (and fuses GroupNorm + SiLU and most elementwise work: 1971 kernels →
+# 1069). What is left is real work at small sizes — 339 GEMMs of about 5 µs at 1536 tokens — running at
+# ~16% of the matmul peak. Capturing the whole loop as one graph gives the same image bit for bit and no
+# time: once a step is one replay, launches are no longer the problem. And 19 of the 164 ms are host work
+# (Canny on the CPU, tokenizing, the copy back), as much as the floor itself. Fewer steps are the only
+# rows near 60 ms here, and they draw another image (8 steps: 41 dB from the fp32 one).
+#
+# TensorRT does the same fusions with its own kernels: the cells below build FP16 engines from the FP16
+# ONNX of section 3 (with any TensorRT builder: on a CPU with TensorRT for RTX) and time them on a GPU.
 
 # %% tags=["requires-trt-builder", "nbval-ignore-output"]
 # %%needs trt-builder
