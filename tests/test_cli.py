@@ -240,7 +240,7 @@ def test_score_prints_a_psnr_row_per_image(tmp_path):
     for name, (db, diff) in expected.items():
         [row] = [line for line in lines if line.startswith(name)]
         assert f"{db:.2f}" in row.split() and str(diff) in row.split()
-    assert "2 images" in lines[-1]
+    assert lines[-2] == "PD and score not shown: --no-pd was given" and "2 images" in lines[-1]
 
 
 def test_score_without_references_is_exit_2(tmp_path):

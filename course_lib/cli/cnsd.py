@@ -138,10 +138,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_score(args) -> int:
-    from course_lib.score import score_folder, score_table
+SCORE_DESCRIPTION = (
+    "Score each image of IMAGES_DIR against the file of the same name in --reference: PSNR, the largest "
+    "pixel difference, PD (the distance of InceptionV3 features; needs pytorch-fid and its weights on disk) "
+    "and the course score, pd_factor(PD) x 7000 / latency in ms. Latencies come from IMAGES_DIR/latencies.json "
+    "if it exists: one JSON object mapping an image's file name to the milliseconds it took, e.g. "
+    '{"bird_0.png": 812.5, "bird_1.png": 790.0} (nothing writes it for you: put in the ms that run printed, '
+    "or your own timings, warm-up excluded). An image without a latency or a PD has no score.")
 
-    say(score_table(score_folder(args.images, args.reference, with_pd=args.pd)))
+
+def cmd_score(args) -> int:
+    from course_lib.score import pd_unavailable, score_folder, score_table
+
+    rows = score_folder(args.images, args.reference, with_pd=args.pd)
+    note = None
+    if all(r.pd is None for r in rows):
+        note = "--no-pd was given" if args.pd is False else pd_unavailable()
+    say(score_table(rows, pd_note=note))
     return 0
 
 
@@ -157,22 +170,25 @@ def add_commands(sub) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("export", help="export the four CNSD models to ONNX and check them against torch")
-    e.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    e.add_argument("--config", choices=["tiny", "sd15"], default="tiny",
+                   help="preset: tiny (small widths, runs on a CPU) or sd15 (the real model's sizes)")
     e.add_argument("--checkpoint", help="control_sd15_canny.pth or .safetensors (default: random weights)")
     e.add_argument("--out", required=True, type=out_folder, help="output folder")
-    e.add_argument("--batch", type=positive_int, default=1)
-    e.add_argument("--height", type=image_side, default=256)
-    e.add_argument("--width", type=image_side, default=384)
+    e.add_argument("--batch", type=positive_int, default=1, help="batch of the example inputs (static shapes)")
+    e.add_argument("--height", type=image_side, default=256, help="image height, a multiple of 64")
+    e.add_argument("--width", type=image_side, default=384, help="image width, a multiple of 64")
     e.add_argument("--dynamic", default="", help="dynamic axes, e.g. B or B,H,W (default: static shapes)")
-    e.add_argument("--models", nargs="+", choices=MODEL_NAMES)
+    e.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="export only these (default: all four)")
     e.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights (no --checkpoint)")
     e.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
 
     b = sub.add_parser("build", help="build TensorRT plans from a folder of ONNX files (TensorRT for RTX: no GPU needed)")
-    b.add_argument("--onnx-dir", required=True)
-    b.add_argument("--out", required=True, type=out_folder)
-    b.add_argument("--profile", choices=["static", "dynamic"], default="static")
-    b.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5")
+    b.add_argument("--onnx-dir", required=True, help="the folder python -m course_lib export wrote")
+    b.add_argument("--out", required=True, type=out_folder, help="folder for <name>.plan and their sidecars")
+    b.add_argument("--profile", choices=["static", "dynamic"], default="static",
+                   help="optimisation profile: the one shape given, or a range around it")
+    b.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5",
+                   help="builder optimisation level: higher tries more tactics (slower build)")
     b.add_argument("--timing-cache", help="timing cache file to load and update (full TensorRT only)")
     b.add_argument("--batch", type=positive_int, default=1, help="batch the plans are built (static) or tuned (dynamic) for")
     b.add_argument("--height", type=image_side, default=256, help="image height (default 256, as the course)")
@@ -182,19 +198,20 @@ def add_commands(sub) -> None:
     add_tensorrt_option(b)
 
     r = sub.add_parser("run", help="canny2image on torch, ONNX Runtime or TensorRT")
-    r.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch")
+    r.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch",
+                   help="torch (needs nothing), ort (needs --onnx-dir) or trt (needs --plan-dir)")
     r.add_argument("--image", help="input photo (default: a sample photo shipped with matplotlib)")
-    r.add_argument("--prompt", default="a bird")
+    r.add_argument("--prompt", default="a bird", help="what to draw on the photo's edges")
     r.add_argument("--out", required=True, type=image_file, help="output image (.png)")
-    r.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    r.add_argument("--config", choices=["tiny", "sd15"], default="tiny", help="preset the models come from")
     r.add_argument("--checkpoint", help="weights for --backend torch (default: random, --seed-weights)")
-    r.add_argument("--seed-weights", type=seed_int, default=0)
-    r.add_argument("--onnx-dir", help="folder with clip/controlnet/unet/decoder.onnx (--backend ort)")
-    r.add_argument("--plan-dir", help="folder with clip/controlnet/unet/decoder.plan (--backend trt)")
+    r.add_argument("--seed-weights", type=seed_int, default=0, help="seed of the random weights (--backend torch, no --checkpoint)")
+    r.add_argument("--onnx-dir", help="folder with clip/controlnet/unet/decoder.onnx (required with --backend ort)")
+    r.add_argument("--plan-dir", help="folder with clip/controlnet/unet/decoder.plan (required with --backend trt)")
     r.add_argument("--vocab", help="CLIP vocabulary (HF tokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
-    r.add_argument("--steps", type=ddim_steps, default=20)
-    r.add_argument("--resolution", type=int_at_least(64), default=256)
-    r.add_argument("--seed", type=seed_int, default=2946901)
+    r.add_argument("--steps", type=ddim_steps, default=20, help="DDIM steps")
+    r.add_argument("--resolution", type=int_at_least(64), default=256, help="the photo's shorter side is resized to this")
+    r.add_argument("--seed", type=seed_int, default=2946901, help="seed of the initial noise (the course's)")
     r.add_argument("--guidance", choices=["separate", "batched"], default="separate",
                    help="cond and uncond as two calls of each model (the original) or one batch of 2")
     r.add_argument("--cuda-graph", action="store_true", help="replay a CUDA graph per engine (--backend trt)")
@@ -206,23 +223,26 @@ def add_commands(sub) -> None:
     add_tensorrt_option(r)
 
     n = sub.add_parser("bench", help="time one canny2image variant (chapter 3), e.g. fp16-batched-graph-sdpa")
-    n.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    n.add_argument("--config", choices=["tiny", "sd15"], default="tiny", help="preset, with seeded random weights")
     n.add_argument("--variant", default="fp32-separate",
                    help="switches joined by '-': fp32|fp16, separate|batched (guidance), graph, sdpa, hint-once, "
                         "compile, reuse-epsN, stepsN, cache-text")
     n.add_argument("--device", type=device, help="cpu or cuda (default: cuda when available)")
-    n.add_argument("--iters", type=positive_int, default=5)
-    n.add_argument("--warmup", type=nonneg_int, default=1)
-    n.add_argument("--height", type=image_side, default=256)
-    n.add_argument("--width", type=image_side, default=384)
-    n.add_argument("--steps", type=ddim_steps, default=20)
-    n.add_argument("--seed", type=seed_int, default=2946901)
+    n.add_argument("--iters", type=positive_int, default=5, help="timed images (the table gives their median)")
+    n.add_argument("--warmup", type=nonneg_int, default=1, help="untimed images first (compiles, graph captures)")
+    n.add_argument("--height", type=image_side, default=256, help="image height")
+    n.add_argument("--width", type=image_side, default=384, help="image width")
+    n.add_argument("--steps", type=ddim_steps, default=20, help="DDIM steps (a stepsN part of --variant overrides it)")
+    n.add_argument("--seed", type=seed_int, default=2946901, help="seed of the initial noise")
     n.add_argument("--out", type=out_folder, help="folder for bench_<variant>.json")
     n.add_argument("--no-stages", action="store_true", help="time the whole pipeline only")
 
-    s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images")
-    s.add_argument("images")
-    s.add_argument("--reference", required=True, help="folder with the fp32 reference images (same names)")
+    s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images",
+                       description=SCORE_DESCRIPTION)
+    s.add_argument("images", metavar="IMAGES_DIR", help="folder of the images to score (.png, .jpg, .jpeg, .bmp), "
+                   "with an optional latencies.json")
+    s.add_argument("--reference", required=True, metavar="DIR",
+                   help="folder with the fp32 reference images, one per image of IMAGES_DIR, same file names")
     s.add_argument("--pd", action=argparse.BooleanOptionalAction, default=None,
                    help="compute PD with pytorch_fid (default: when installed)")
     for parser, func in ((d, cmd_demo), (e, cmd_export), (b, cmd_build), (r, cmd_run), (n, cmd_bench), (s, cmd_score)):
