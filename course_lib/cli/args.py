@@ -130,6 +130,16 @@ def ddim_steps(text: str) -> int:
     return value
 
 
+def bench_variant(text: str) -> str:
+    """A chapter 3 variant name, e.g. fp16-batched-graph (course_lib.pipeline.speedups.Switches), normalised."""
+    from course_lib.pipeline.speedups import Switches
+
+    try:
+        return Switches.from_name(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 

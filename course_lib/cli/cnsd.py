@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from course_lib.cnsd.contract import MODEL_NAMES
-from course_lib.cli.args import (check_device, ddim_steps, device, image_file, image_side, int_at_least, nonneg_int,
-                                 out_folder, positive_int, seed_int)
+from course_lib.cli.args import (bench_variant, check_device, ddim_steps, device, image_file, image_side, int_at_least,
+                                 nonneg_int, out_folder, positive_int, seed_int)
 from course_lib.cli.common import add_tensorrt_option, load_model, make_tokenizer, say, use_tensorrt
 
 
@@ -125,13 +125,23 @@ def cmd_build(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Chapter 3: one pipeline variant on a random-weight preset; JSON under --out."""
+    """Chapter 3: one pipeline variant on a random-weight preset; JSON under --out. A variant this machine
+    cannot run (graph, compile on a CPU) is one error line before any work (run_bench checks first)."""
+    import torch
+
     from course_lib.bench import run_bench, stage_table, variant_table
+    from course_lib.pipeline.speedups import Switches, check_device as check_variant
 
     check_device(args.device)
-    result = run_bench(args.config, args.variant, device=args.device, iters=args.iters, warmup=args.warmup,
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    switches = Switches.from_name(args.variant)
+    check_variant(switches, device)                                  # graph/compile on a CPU: one line, no work
+    say(f"bench {args.variant} on {device} ({args.config}, {args.height}x{args.width}, {switches.steps or args.steps} "
+        f"steps): " + ("" if args.variant == "fp32-separate" else "the fp32-separate reference image, then ")
+        + f"warm-up and {args.iters} timed images" + ("" if args.no_stages else ", then each stage alone"))
+    result = run_bench(args.config, args.variant, device=device, iters=args.iters, warmup=args.warmup,
                        height=args.height, width=args.width, steps=args.steps, seed=args.seed, out=args.out,
-                       stages=not args.no_stages)
+                       stages=not args.no_stages, progress=not args.quiet)
     say(variant_table([result]))
     if not args.no_stages:
         say(stage_table([result]))
@@ -224,9 +234,9 @@ def add_commands(sub) -> None:
 
     n = sub.add_parser("bench", help="time one canny2image variant (chapter 3), e.g. fp16-batched-graph-sdpa")
     n.add_argument("--config", choices=["tiny", "sd15"], default="tiny", help="preset, with seeded random weights")
-    n.add_argument("--variant", default="fp32-separate",
+    n.add_argument("--variant", type=bench_variant, default="fp32-separate",
                    help="switches joined by '-': fp32|fp16, separate|batched (guidance), graph, sdpa, hint-once, "
-                        "compile, reuse-epsN, stepsN, cache-text")
+                        "compile, reuse-epsN, stepsN, cache-text; graph and compile need a CUDA GPU")
     n.add_argument("--device", type=device, help="cpu or cuda (default: cuda when available)")
     n.add_argument("--iters", type=positive_int, default=5, help="timed images (the table gives their median)")
     n.add_argument("--warmup", type=nonneg_int, default=1, help="untimed images first (compiles, graph captures)")
@@ -236,6 +246,7 @@ def add_commands(sub) -> None:
     n.add_argument("--seed", type=seed_int, default=2946901, help="seed of the initial noise")
     n.add_argument("--out", type=out_folder, help="folder for bench_<variant>.json")
     n.add_argument("--no-stages", action="store_true", help="time the whole pipeline only")
+    n.add_argument("--quiet", action="store_true", help="no progress bars")
 
     s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images",
                        description=SCORE_DESCRIPTION)

@@ -111,13 +111,29 @@ class Switches:
         return cls(**values)
 
     @property
+    def cuda_parts(self) -> tuple[str, ...]:
+        """The parts of the name that need a CUDA GPU: "graph" (CUDA graphs), "compile" (compiled for CUDA)."""
+        return tuple(part for part, on in (("graph", self.cuda_graph), ("compile", self.compile)) if on)
+
+    @property
     def needs_cuda(self) -> bool:
-        return self.cuda_graph or self.compile
+        return bool(self.cuda_parts)
 
     @property
     def build_key(self) -> "Switches":
         """The switches that shape a built pipeline: steps and eps reuse only change a call or wrap the eps."""
         return replace(self, steps=None, reuse_every=0)
+
+
+def check_device(switches: Switches, device: str | torch.device) -> None:
+    """Chapter 3: ValueError in one line when ``switches`` need a CUDA GPU (graph, compile) and ``device`` is
+    not one, naming the parts and the variant that would run there."""
+    if switches.needs_cuda and torch.device(device).type != "cuda":
+        here = "" if torch.cuda.is_available() else " (torch sees no GPU here)"
+        raise ValueError(f"variant {switches.name}: {' and '.join(switches.cuda_parts)} "
+                         f"need{'s' if len(switches.cuda_parts) == 1 else ''} a CUDA GPU, got device "
+                         f"{device}{here}; the variant without {'it' if len(switches.cuda_parts) == 1 else 'them'}: "
+                         f"{replace(switches, cuda_graph=False, compile=False).name}")
 
 
 def to_half(cnsd: torch.nn.Module) -> torch.nn.Module:
@@ -180,8 +196,7 @@ def make_pipeline(model: torch.nn.Module, tokenizer, switches: Switches | str = 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     if dtype != DTYPES[s.dtype]:
         raise ValueError(f"model is {dtype}, variant {s.name} asks for {s.dtype}: pass to_half(model) for fp16 variants")
-    if s.needs_cuda and torch.device(device).type != "cuda":
-        raise ValueError(f"variant {s.name}: graph and compile need device cuda, got {device}")
+    check_device(s, device)
     set_attention_backend(model, s.attention)
     if s.attention == "sdpa":
         torch.backends.cudnn.benchmark = True
