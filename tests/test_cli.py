@@ -277,6 +277,9 @@ def test_demo_small(tmp_path):
     assert code == 0, out
     assert {"canny2image_torch.png", "canny2image_ort.png", "canny_hint.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "PASSED" in out and "max pixel difference" in out
+    phases = ["exporting clip, controlnet, unet and decoder to ONNX", "parity check:", "canny2image on PyTorch",
+              "canny2image on ONNX Runtime", "writing the Canny hint"]        # a line before each phase, in order
+    assert [out.index(p) for p in phases] == sorted(out.index(p) for p in phases)
 
 
 def test_make_backends_kinds_and_errors(exported, tmp_path):

@@ -54,16 +54,21 @@ def cmd_demo(args) -> int:
     model = load_model("tiny", None, seed=0)
     tokenizer = make_tokenizer("tiny", None)
     photo = sample_photo(size=(args.height, args.width))
+    say(f"exporting clip, controlnet, unet and decoder to ONNX in {out / 'onnx'} with torch.onnx.export")
     export_cnsd(model, out / "onnx", height=args.height, width=args.width, progress=False)
+    say("parity check: each ONNX file on ONNX Runtime against PyTorch on the same inputs")
     table = check_exports(model, out / "onnx", height=args.height, width=args.width)
     images = {}
     for kind in ("torch", "ort"):
+        say(f"canny2image on {'PyTorch' if kind == 'torch' else 'ONNX Runtime'}: {args.steps} DDIM steps, "
+            f"{args.height}x{args.width}")
         pipe = Canny2Image(make_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config,
                            progress=not args.quiet)
         images[kind] = pipe.process(photo, "a bird", image_resolution=min(args.height, args.width),
                                     ddim_steps=args.steps)[0]
         write_image(out / f"canny2image_{kind}.png", images[kind])
         say(f"{kind:5s}: {pipe.last_timings.total:.0f} ms -> {out / f'canny2image_{kind}.png'}")
+    say(f"writing the Canny hint to {out / 'canny_hint.png'}; the parity table and the images' difference:")
     write_image(out / "canny_hint.png", pipe.last_edge_map)
     say(str(table))
     diff = max_pixel_diff(images["torch"], images["ort"])
