@@ -102,7 +102,7 @@ def spread(s: Mapping) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """Chapter 3: a GitHub markdown table; None as "-", floats with 1 decimal from 10 up, 2 below,
+    """Chapter 1: a GitHub markdown table; None as "-", floats with 1 decimal from 10 up, 2 below,
     and 3 significant digits under 0.01 (errors such as ``1.23e-04``)."""
     def cell(v):
         if v is None:
