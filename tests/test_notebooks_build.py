@@ -55,6 +55,8 @@ if answered("exercise 1", y, z):
     print(y + z)
 '''                                                 # helper: not read by the check, so no placeholder
     assert bn.student_source("x = 1\n") == "x = 1\n"
+    block = "if True:\n    ### BEGIN SOLUTION: set x.y\n    x.y = 1\n    ### END SOLUTION\n"
+    assert bn.student_source(block) == "if True:\n    # YOUR CODE HERE: set x.y\n    pass\n"   # still a block
 
 
 @pytest.mark.parametrize("source, message", [

@@ -343,7 +343,7 @@ def student_source(source: str) -> str:
         region = "\n".join(lines[begin + 1:end])
         answers = sorted(defined & read, key=lambda name: re.search(rf"\b{name}\b", region).start())   # as written
         lines[begin:end + 1] = [f"{indent}{YOUR_CODE} {instruction}"] + \
-            [f"{indent}{name} = ...  # your answer" for name in answers]
+            [f"{indent}{name} = ...  # your answer" for name in answers] + ([f"{indent}pass"] if indent and not answers else [])
     return "\n".join(lines) + ("\n" if source.endswith("\n") else "")
 
 
