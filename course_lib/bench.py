@@ -15,10 +15,8 @@ Chapter 2's homework HW2 (:mod:`course_lib.trt.sweep`) times TensorRT plans with
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,7 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from course_lib.files import save_png, write_json
-from course_lib.timing import markdown_table, spread, summarize, time_cpu, time_cuda
+from course_lib.timing import environment_info, markdown_table, spread, summarize, time_cpu, time_cuda
 
 # FLOPs of the course's models at 256x384 (course_facts.md): per DDIM step with CFG batch 2, per image
 TFLOP = {"clip": 0.026, "controlnet": 0.191, "unet": 0.549, "decoder": 0.935}
@@ -60,12 +58,23 @@ def variant_table(results: Sequence[Mapping], baseline: str | None = None, floor
     return markdown_table(["variant", "median ms", "p10-p90 ms", "n", "speed-up", "x floor", "PSNR dB", "max diff"], rows)
 
 
+STAGE_NOTE = ("ControlNet, UNet /step: one step's calls of each (separate guidance: 2 calls, cond and uncond; batched: "
+              "1 of batch 2). step = ControlNet + UNet + guidance arithmetic. sum = CLIP + steps x step + VAE (reused "
+              "steps not counted); whole is a bit more: Canny hint, DDIM updates, tokenizing, image conversions.")
+
+
 def stage_table(results: Sequence[Mapping]) -> str:
-    """Chapter 3: per-stage medians (ms) of each variant: CLIP, ControlNet, UNet, one step, VAE decoder, whole."""
-    rows = [[r["variant"]] + [r["stages"][s]["median"] if s in r.get("stages", {}) else None for s in STAGES]
-            + [r["total"]["median"]] for r in results if "total" in r]
-    return markdown_table(["variant", "CLIP", "ControlNet /step", "UNet /step", "step (CN+UNet+CFG)", "VAE", "whole"],
-                          rows)
+    """Chapter 3: per-stage medians (ms) of each variant: CLIP, ControlNet, UNet, one step, VAE decoder, their
+    sum over the image's steps (:data:`STAGE_NOTE` says how it adds up), whole; the note under the table."""
+    rows = []
+    for r in (r for r in results if "total" in r):
+        stage = {s: r["stages"][s]["median"] for s in STAGES if s in r.get("stages", {})}
+        steps = (r.get("switches") or {}).get("steps") or r.get("steps")
+        total = (stage["clip"] + (steps - r.get("reused_steps", 0)) * stage["step"] + stage["decoder"]
+                 if steps and {"clip", "step", "decoder"} <= set(stage) else None)
+        rows.append([r["variant"]] + [stage.get(s) for s in STAGES] + [total, r["total"]["median"]])
+    header = ["variant", "CLIP", "ControlNet /step", "UNet /step", "step", "VAE", "sum", "whole"]
+    return f"{markdown_table(header, rows)}\n\n{STAGE_NOTE}"
 
 
 def plot_latencies(labels: Sequence[str], summaries: Sequence[Mapping], path: str | Path, title: str = "",
@@ -205,32 +214,39 @@ def stage_fns(pipe, height: int = 256, width: int = 384, num_samples: int = 1, s
 def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, device: str = "cuda",
                    iters: int = 10, warmup: int = 2, steps: int = 20, prompt: str = "a bird", seed: int = 2946901,
                    reference_image: np.ndarray | None = None, stages: bool = True, stage_iters: int = 10,
-                   pipes: dict | None = None) -> dict:
+                   pipes: dict | None = None, progress: bool = False) -> dict:
     """Chapter 3: measure one variant (a :class:`course_lib.pipeline.speedups.Switches` name) end to end.
 
     ``models``: ``{"fp32": CNSD on device}``; other forms (fp16, cl, fp8) are made once and kept there
     (:func:`course_lib.pipeline.speedups.model_for`).
     ``pipes``: a dict the caller keeps to reuse pipelines (their CUDA graphs, compiled code) between
-    variants that differ only in steps or eps reuse (:attr:`Switches.build_key`).
+    variants that differ only in steps or eps reuse (:attr:`Switches.build_key`). ``progress``: one bar
+    counting the images and stage calls (:mod:`course_lib.progress`), updated outside the timed parts.
     Returns ``{variant, switches, first_call_ms, total (summarize), stages {name: summarize},
     psnr_vs_fp32, max_diff_vs_fp32, reused_steps}`` plus ``_image`` (not written to JSON), or
     ``{variant, skipped}`` where the device can't run it.
     """
-    from dataclasses import asdict
-
     import torch
 
     from course_lib.pipeline.speedups import Switches, global_switches, make_pipeline, model_for, with_reuse
+    from course_lib.progress import tqdm
     from course_lib.score import max_pixel_diff, psnr
 
     switches = Switches.from_name(variant)
-    result: dict = {"variant": switches.name, "switches": asdict(switches)}
+    result: dict = {"variant": switches.name, "switches": dataclasses.asdict(switches)}
     if switches.needs_cuda and torch.device(device).type != "cuda":
         return {**result, "skipped": "needs a CUDA GPU"}
     model = model_for(switches, models)
-    cuda = torch.device(device).type == "cuda"
-    timer = (lambda fn, w, n: time_cuda(fn, w, n)) if cuda else (lambda fn, w, n: time_cpu(fn, w, n))
-    with global_switches(switches, model):
+    untimed = max(warmup - 1, 1 if switches.cuda_graph or switches.loop_graph else 0)   # graphs capture on the 2nd image
+    bar = tqdm(total=1 + untimed + iters + (len(STAGES) * (3 + stage_iters) if stages else 0), unit="call",
+               desc=f"bench {switches.name}: first image", disable=not progress)
+
+    def timed(what: str, fn, warmup_calls: int, calls: int) -> dict:
+        bar.set_description(f"bench {switches.name}: {what}")
+        time_fn = time_cuda if torch.device(device).type == "cuda" else time_cpu
+        return summarize(time_fn(fn, warmup_calls, calls, tick=bar.update))
+
+    with bar, global_switches(switches, model):
         pipes = {} if pipes is None else pipes
         if switches.build_key not in pipes:
             pipe = make_pipeline(model, tokenizer, switches.build_key, device)
@@ -242,64 +258,48 @@ def bench_pipeline(variant: str, models: dict, tokenizer, photo: np.ndarray, *, 
         start = time.perf_counter()
         image = run()                                 # first call: compiles; graphs warm up and capture the step
         result["first_call_ms"] = (time.perf_counter() - start) * 1e3
-        untimed = max(warmup - 1, 1 if switches.cuda_graph or switches.loop_graph else 0)   # graphs capture on the 2nd image
-        result["total"] = summarize(timer(run, untimed, iters))
+        bar.update()
+        result["total"] = timed(f"{untimed} untimed + {iters} timed images", run, untimed, iters)
         result["reused_steps"] = getattr(pipe.eps, "reused", 0)
         if reference_image is not None:
             result["psnr_vs_fp32"] = psnr(image, reference_image)
             result["max_diff_vs_fp32"] = max_pixel_diff(image, reference_image)
         if stages:
-            fns = stage_fns(pipe, photo.shape[0], photo.shape[1])
-            result["stages"] = {name: summarize(timer(fn, 3, stage_iters)) for name, fn in fns.items()}
+            result["stages"] = {name: timed(f"stage {name}", fn, 3, stage_iters)
+                                for name, fn in stage_fns(pipe, photo.shape[0], photo.shape[1]).items()}
     result["_image"] = image
     return result
 
 
-def environment_info(device: str = "cuda") -> dict:
-    """Chapter 3: what a benchmark ran on: GPU, driver, torch / CUDA / cuDNN versions, TF32 flags, host."""
-    import torch
-
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "device": device, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "tf32_cudnn": torch.backends.cudnn.allow_tf32}
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
-            info["driver"] = out.stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            info["driver"] = None
-    return info
-
-
 def run_bench(config: str = "tiny", variant: str = "fp32-separate", device: str | None = None, iters: int = 5,
               warmup: int = 1, height: int = 256, width: int = 384, steps: int = 20, seed: int = 2946901,
-              out: str | Path | None = None, stages: bool = True) -> dict:
+              out: str | Path | None = None, stages: bool = True, progress: bool = False) -> dict:
     """Chapter 3: ``python -m course_lib bench``: one variant on a random-weight CNSD preset.
 
     Builds ``config`` ("tiny" | "sd15") with seeded random weights, runs the fp32 original once for the
     reference image (unless ``variant`` is it), then :func:`bench_pipeline`. With ``out``, writes
-    ``out/bench_<variant>.json`` (atomic). Returns the result dict with ``environment`` added.
+    ``out/bench_<variant>.json`` (atomic). Returns the result dict with ``environment`` added. A variant that
+    needs a CUDA GPU (graph, compile) on a CPU raises ValueError before any work. ``progress``: bars.
     """
     import torch
 
     from course_lib.cnsd import build_cnsd, get_config
     from course_lib.pipeline.canny2image import Canny2Image
     from course_lib.cnsd.tokenizer import get_tokenizer
+    from course_lib.pipeline.speedups import Switches, check_device
     from course_lib.samples import sample_photo
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(Switches.from_name(variant), device)            # a GPU-only variant on a CPU: before any work
     model = build_cnsd(get_config(config), seed=0).to(device)
     tokenizer = get_tokenizer(allow_fallback=True)
     photo = sample_photo(size=(height, width))
     reference = None
     if variant != "fp32-separate":
-        pipe = Canny2Image.from_torch(model, tokenizer, device=device, progress=False, time_stages=False)
+        pipe = Canny2Image.from_torch(model, tokenizer, device=device, progress=progress, time_stages=False)
         reference = pipe.process(photo, "a bird", image_resolution=min(height, width), ddim_steps=steps, seed=seed)[0]
     result = bench_pipeline(variant, {"fp32": model}, tokenizer, photo, device=device, iters=iters, warmup=warmup,
-                            steps=steps, seed=seed, reference_image=reference, stages=stages)
+                            steps=steps, seed=seed, reference_image=reference, stages=stages, progress=progress)
     result.update(config=config, height=height, width=width, steps=steps, environment=environment_info(device),
                   floor_ms=floor_ms(image_tflop(steps)) if config == "sd15" else None)
     if out is not None:

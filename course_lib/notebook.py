@@ -21,6 +21,7 @@ import ast
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from course_lib.env import TRT_LABELS, Environment, detect, has_module, required_capabilities
 
@@ -125,6 +126,29 @@ def every(checks: Iterable[bool]) -> bool | str:
     """
     results = [bool(c) for c in checks]
     return all(results) if results else "nothing to check"
+
+
+NOT_DONE = "not done yet (write your answer under YOUR CODE HERE, then run the cell again)"
+
+
+def answered(exercise: str, *answers) -> bool:
+    """Chapter 1: True when every answer is filled in; while one is still ``...`` -- the placeholder a student
+    notebook (notebooks/student/) starts with -- print "<exercise>: not done yet ..." and return False, so an
+    exercise's self-check (``if answered("exercise 1", x): assert ...``) never stops Run All."""
+    if any(a is Ellipsis for a in answers):
+        print(f"{exercise}: {NOT_DONE}")
+        return False
+    return True
+
+
+def course_file(relative: str) -> Path:
+    """Chapter 3: a file of this course's repository, e.g. ``course_file("docs/bench/h100_ch3.json")``, found
+    from course_lib's own folder: the same from notebooks/ and notebooks/student/ (FileNotFoundError if absent)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / relative).exists():
+        raise FileNotFoundError(f"{relative} is not under {root}: expected course_lib installed from the course's "
+                                "repository (pip install -e .)")
+    return root / relative
 
 
 def run_body(shell, cell: str, header: str = ""):

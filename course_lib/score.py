@@ -150,7 +150,8 @@ def score_folder(images_dir: str | Path, reference_dir: str | Path, with_pd: boo
                  device: str | None = None) -> list[ImageScore]:
     """Chapter 2: score every image of ``images_dir`` against the same-named file in ``reference_dir``.
 
-    Latencies come from ``images_dir/latencies.json`` (``{"bird_0.png": 812.5, ...}``) when present.
+    Latencies come from ``images_dir/latencies.json`` when present: a JSON object mapping each image's file
+    name to its latency in milliseconds (``{"bird_0.png": 812.5, ...}``), written by whoever timed the images.
     ``with_pd``: True needs pytorch-fid, False skips PD, None computes it where pytorch-fid is usable.
     The score needs both a latency and a PD.
     """
@@ -183,16 +184,31 @@ def score_folder(images_dir: str | Path, reference_dir: str | Path, with_pd: boo
     return rows
 
 
-def score_table(rows: list[ImageScore]) -> str:
-    """Chapter 2: the rows as a text table with a summary line (means; PD and latency limits)."""
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
+def pd_unavailable() -> str | None:
+    """Chapter 2: one sentence saying why PD cannot be computed here (pytorch-fid or its weights missing), or None."""
+    from course_lib.env import MissingDependency, require
+
+    try:
+        require("pytorch_fid.inception", "the perceptual distance (PD)")
+        check_fid_weights()
+    except MissingDependency as e:
+        return str(e)
+    return None
+
+
+def score_table(rows: list[ImageScore], pd_note: str | None = None) -> str:
+    """Chapter 2: the rows as a text table (columns aligned, "-" where a value is missing) with a summary
+    line (means; PD and latency limits); ``pd_note``, why no row has a PD, ends the table as one line."""
+    columns = [("latency ms", "latency_ms", ".1f"), ("PSNR dB", "psnr_db", ".2f"), ("max diff", "max_diff", "d"),
+               ("PD", "pd", ".2f"), ("score", "score", ".3f")]
+
+    def cell(value, spec, width):
+        return f"{'-' if value is None else format(value, spec):>{width}}"
 
     width = max(len("image"), *(len(r.name) for r in rows))
-    lines = [f"{'image':<{width}}  {'latency ms':>10}  {'PSNR dB':>8}  {'max diff':>8}  {'PD':>6}  {'score':>7}"]
-    for r in rows:
-        lines.append(f"{r.name:<{width}}  {fmt(r.latency_ms, '10.1f')}  {fmt(r.psnr_db, '8.2f')}  "
-                     f"{r.max_diff:>8d}  {fmt(r.pd, '6.2f')}  {fmt(r.score, '7.3f')}")
+    lines = [f"{'image':<{width}}  " + "  ".join(f"{head:>10}" for head, _, _ in columns)]
+    lines += [f"{r.name:<{width}}  " + "  ".join(cell(getattr(r, key), spec, 10) for _, key, spec in columns)
+              for r in rows]
     lat = [r.latency_ms for r in rows if r.latency_ms is not None]
     pds = [r.pd for r in rows if r.pd is not None]
     scores = [r.score for r in rows if r.score is not None]
@@ -204,4 +220,6 @@ def score_table(rows: list[ImageScore]) -> str:
         summary.append(f"max PD {max(pds):.2f} (limit {PD_LIMIT:.0f}: {'ok' if max(pds) <= PD_LIMIT else 'failed'})")
     if scores:
         summary.append(f"mean score {np.mean(scores):.3f}")
+    if not pds and pd_note:
+        lines.append(f"PD and score not shown: {pd_note}")
     return "\n".join(lines + ["; ".join(summary)])

@@ -47,6 +47,11 @@ if str(REPO) not in sys.path:
 # progress bars as text on stderr (never compared): a widget's text would be (course_lib/progress.py)
 os.environ["COURSE_PROGRESS"] = "text"
 
+# notebooks/student/ holds the student notebooks, built unexecuted from the same sources with each exercise's
+# solution replaced by placeholders; they are collected only with COURSE_NBVAL_STUDENT=1 (a second Run All
+# of each chapter, in which every exercise must say "not done yet" and nothing may raise)
+collect_ignore_glob = [] if os.environ.get("COURSE_NBVAL_STUDENT") == "1" else ["student/*"]
+
 _FAIL_REASON = pytest.StashKey[str]()
 _SKIP_LINE = pytest.StashKey[str]()      # the hardware this cell lacks here: it must print its skip line
 _CAPABILITIES = pytest.StashKey[tuple]()

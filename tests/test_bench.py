@@ -77,6 +77,12 @@ def test_time_cuda_measures_gpu_time():
     assert 0 < small < big
 
 
+def test_timers_tick_once_per_call_outside_the_sample():
+    ticks = []
+    samples = timing.time_cpu(lambda: None, warmup=2, iters=3, tick=lambda: ticks.append(1))
+    assert len(samples) == 3 and len(ticks) == 5
+
+
 def test_markdown_and_variant_tables():
     results = [
         {"variant": "fp32-separate", "total": fake(2000.0)},
@@ -91,7 +97,11 @@ def test_markdown_and_variant_tables():
     assert table[3] == "| fp16-batched | 500.0 | 499.2-500.8 | 10 | 4.00 | 25.0 | 31.5 | 12 |"
     assert "needs a CUDA GPU" in table[4] and "error: RuntimeError('boom')" in table[5]
     stages = bench.stage_table(results).splitlines()
-    assert stages[2].startswith("| fp32-separate | - |") and stages[3] == "| fp16-batched | 2.00 | 2.00 | 2.00 | 2.00 | 2.00 | 500.0 |"
+    assert stages[0] == "| variant | CLIP | ControlNet /step | UNet /step | step | VAE | sum | whole |"
+    assert stages[2].startswith("| fp32-separate | - |") and stages[3] == "| fp16-batched | 2.00 | 2.00 | 2.00 | 2.00 | 2.00 | - | 500.0 |"
+    assert stages[-1] == bench.STAGE_NOTE and "step = ControlNet + UNet + guidance arithmetic" in stages[-1]
+    results[1].update(steps=20, reused_steps=5)                       # sum = CLIP + (20 - 5) x step + VAE
+    assert bench.stage_table(results).splitlines()[3] == "| fp16-batched | 2.00 | 2.00 | 2.00 | 2.00 | 2.00 | 34.0 | 500.0 |"
     assert timing.markdown_table(["x"], [[1.5e-4], [0.0], [None], [math.inf]]).splitlines()[2:] == \
         ["| 1.50e-04 |", "| 0 |", "| - |", "| inf |"]
 
@@ -175,6 +185,12 @@ def test_the_gpu_script_runs_small_on_the_cpu(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "| fp32-batched |" in md and "fp32-batched-steps1" in md
     assert png_size(tmp_path / "bench.png") == (800, 450) and png_size(tmp_path / "curve.png") == (600, 400)
+
+
+def test_run_bench_refuses_a_gpu_variant_on_the_cpu_before_any_work(monkeypatch):
+    monkeypatch.setattr(bench, "bench_pipeline", lambda *a, **k: pytest.fail("measured a GPU-only variant on a CPU"))
+    with pytest.raises(ValueError, match="variant fp16-batched-graph: graph needs a CUDA GPU, got device cpu"):
+        bench.run_bench("tiny", "fp16-batched-graph", device="cpu")
 
 
 def test_run_bench_is_the_cli_command(tmp_path):

@@ -240,7 +240,7 @@ def test_score_prints_a_psnr_row_per_image(tmp_path):
     for name, (db, diff) in expected.items():
         [row] = [line for line in lines if line.startswith(name)]
         assert f"{db:.2f}" in row.split() and str(diff) in row.split()
-    assert "2 images" in lines[-1]
+    assert lines[-2] == "PD and score not shown: --no-pd was given" and "2 images" in lines[-1]
 
 
 def test_score_without_references_is_exit_2(tmp_path):
@@ -250,6 +250,27 @@ def test_score_without_references_is_exit_2(tmp_path):
     assert code == EXIT_USAGE and "a.png" in err
 
 
+def test_bench_refuses_gpu_variants_on_a_cpu_in_one_line(tmp_path):
+    for variant, parts in (("fp16-batched-graph", "graph needs"), ("fp32-separate-compile", "compile needs"),
+                           ("fp16-batched-graph-sdpa-compile", "graph and compile need")):
+        code, out, err = run_main(["bench", "--variant", variant, "--device", "cpu", "--out", tmp_path])
+        assert code == EXIT_USAGE and out == "" and err.count("\n") == 1, (out, err)
+        assert err.startswith(f"error: variant {variant}: {parts} a CUDA GPU, got device cpu")
+    code, out, err = run_main(["bench", "--variant", "fp16-bogus"])
+    assert code == EXIT_USAGE and out == "" and error_lines(err) == err.splitlines() and "'bogus'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_on_the_cpu_says_what_it_does_and_adds_up(tmp_path):
+    code, out, err = run_main(["bench", "--variant", "fp32-batched", "--device", "cpu", "--height", SIZE, "--width",
+                               SIZE, "--steps", 2, "--iters", 1, "--warmup", 0])
+    assert code == 0 and out.startswith("bench fp32-batched on cpu (tiny, 64x64, 2 steps)")
+    assert "bench fp32-batched: stage decoder" in err                # the progress bar (text under pytest)
+    row = [line for line in out.splitlines() if line.startswith("| fp32-batched | ")][-1]     # the stage table's
+    clip, _, _, step, vae, total, whole = (float(v) for v in row.strip("| ").split(" | ")[1:])
+    assert total == pytest.approx(clip + 2 * step + vae, rel=0.01) and "guidance arithmetic" in out
+
+
 @pytest.mark.slow
 def test_demo_small(tmp_path):
     code, out, _ = run_main(["demo", "--model", "tiny", "--out", tmp_path, "--height", SIZE, "--width", SIZE,
@@ -257,6 +278,9 @@ def test_demo_small(tmp_path):
     assert code == 0, out
     assert {"canny2image_torch.png", "canny2image_ort.png", "canny_hint.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "PASSED" in out and "max pixel difference" in out
+    phases = ["exporting clip, controlnet, unet and decoder to ONNX", "parity check:", "canny2image on PyTorch",
+              "canny2image on ONNX Runtime", "writing the Canny hint"]        # a line before each phase, in order
+    assert [out.index(p) for p in phases] == sorted(out.index(p) for p in phases)
 
 
 @pytest.mark.slow

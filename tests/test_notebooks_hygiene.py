@@ -71,6 +71,31 @@ def test_valid_notebook_with_python3_kernel(path):
     assert not {"widgets", "jupytext"} & set(nb.metadata), f"{path.name}: volatile metadata"
 
 
+def _strings(value):
+    """Every string inside an output (stream text, MIME data, tracebacks)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+STORED_NOTEBOOKS = NOTEBOOK_PATHS + sorted((NOTEBOOKS / "student").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", STORED_NOTEBOOKS, ids=[str(p.relative_to(NOTEBOOKS)) for p in STORED_NOTEBOOKS])
+def test_no_ansi_escapes_in_stored_outputs(path):
+    """Terminal colour codes (ONNX Runtime's C-level log, a coloured traceback) show as garbage in a rendered
+    notebook: silence or capture them where they are made (course_lib.onnx.session.ORT_LOG_SEVERITY)."""
+    nb = _read(path)
+    found = [bn.cell_name(nb, i) for i, cell in enumerate(nb.cells)
+             if any("\x1b[" in text for text in _strings(cell.get("outputs", [])))]
+    assert found == []
+
+
 @pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=[p.stem for p in NOTEBOOK_PATHS])
 def test_matches_its_jupytext_source(path):
     src = NOTEBOOKS / "src" / f"{path.stem}.py"

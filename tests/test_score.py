@@ -12,7 +12,7 @@ import torch
 from course_lib.env import MissingDependency, has_module
 from course_lib.score import (
     FID_WEIGHTS_FILE, check_fid_weights, course_score, max_pixel_diff, pd_factor, perceptual_distance, psnr,
-    score_folder, score_table,
+    pd_unavailable, score_folder, score_table,
 )
 
 
@@ -92,8 +92,13 @@ def test_score_folder_without_pd(tmp_path):
     assert rows[0].psnr_db == math.inf and rows[1].psnr_db == pytest.approx(48.13, abs=0.01)
     table = score_table(rows)
     assert "bird_1.png" in table and table.splitlines()[-1].startswith("2 images; mean latency 700.0 ms")
+    header, *body = table.splitlines()[:3]          # columns aligned: a missing value is a right-aligned "-"
+    assert {len(line) for line in body} == {len(header)} and body[1].split()[1] == "-"
+    assert "not shown" not in table
+    assert score_table(rows, pd_note="why").splitlines()[-2] == "PD and score not shown: why"
     if not has_module("pytorch_fid"):
         assert score_folder(tmp_path / "new", tmp_path / "ref")[0].pd is None   # PD skipped quietly
+        assert "pytorch" in pd_unavailable()                                    # the one line saying why
         with pytest.raises(MissingDependency):
             score_folder(tmp_path / "new", tmp_path / "ref", with_pd=True)
 

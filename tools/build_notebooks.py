@@ -13,6 +13,11 @@ of running); this tool gives it the matching tags (``requires-gpu``, ``requires-
     python tools/build_notebooks.py --only 01_export     # one chapter (repeatable)
     python tools/build_notebooks.py --check              # stored notebooks match their sources?
     python tools/build_notebooks.py --keep-outputs-of-tagged   # CPU rebuild, keep GPU cells' outputs
+    python tools/build_notebooks.py --student-only       # only notebooks/student/ (no kernel)
+
+Each build also writes the chapter's student notebook, ``notebooks/student/NN_name.ipynb``: the same cells,
+not executed, each exercise's ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region replaced by its
+instruction and placeholders (see "exercises" below); ``--check`` compares both with the source.
 
 The tag rules live here and nowhere else: notebooks/conftest.py (nbval) and
 tests/test_notebooks_hygiene.py load this file for them.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -249,13 +255,18 @@ def skeleton(nb) -> list[tuple]:
     return rows
 
 
-def source_mismatch(src: Path, ipynb: Path) -> str | None:
-    """One line saying how ``ipynb`` differs from what ``src`` produces (outputs ignored), or None."""
+def source_mismatch(src: Path, ipynb: Path, student: bool = False) -> str | None:
+    """One line saying how ``ipynb`` differs from what ``src`` produces (outputs ignored), or None.
+    ``student``: compare with the student notebook of ``src`` (:func:`student_notebook`), outputs included."""
     import nbformat
 
     if not ipynb.exists():
         return f"{_rel(ipynb)} is missing: build it from {_rel(src)}"
-    want = skeleton(notebook_from_source(src))
+    if student:
+        have = nbformat.read(ipynb, as_version=4)
+        if any(c.get("outputs") or c.get("execution_count") for c in have.cells):
+            return f"{_rel(ipynb)} has outputs: a student notebook is stored unexecuted; rebuild it"
+    want = skeleton(student_notebook(notebook_from_source(src)) if student else notebook_from_source(src))
     have = skeleton(nbformat.read(ipynb, as_version=4))
     if len(want) != len(have):
         return f"{_rel(ipynb)} has {len(have) - 1} cells, {_rel(src)} makes {len(want) - 1}"
@@ -264,6 +275,122 @@ def source_mismatch(src: Path, ipynb: Path) -> str | None:
             what = "notebook metadata" if i == 0 else f"cell #{i - 1} ({w[0]}, {w[2][:40]!r})"
             return f"{_rel(ipynb)}: {what} differs from {_rel(src)}; rebuild it"
     return None
+
+
+# --- exercises: solution regions, the student notebook --------------------------------------
+#
+# A code cell marks the answer to an exercise (nbgrader's markers; the text after the colon is the
+# instruction the student gets):
+#
+#     ### BEGIN SOLUTION: the controls at the latent's size, and control12's channels
+#     full_size = [...]
+#     ### END SOLUTION
+#     if answered("exercise 1", full_size):           # course_lib.notebook: "not done yet" for a ...
+#         assert full_size == [...]
+#
+# The instructor notebook (notebooks/NN_name.ipynb, executed, what nbval runs) keeps the cell as written.
+# The student notebook (notebooks/student/NN_name.ipynb, not executed) gets, in place of the region, the
+# instruction as a comment and ``name = ...`` for each name the region defines that the rest of the cell
+# reads: the self-check then prints "not done yet" and Run All goes on.
+
+BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
+STUDENT = NOTEBOOKS / "student"
+YOUR_CODE = "# YOUR CODE HERE:"
+
+
+def solution_regions(source: str) -> list[tuple[int, int, str, str]]:
+    """(BEGIN line, END line, indentation, instruction) of each solution region of a cell's source (0-based
+    line numbers); ValueError for an unclosed, nested or stray marker or a BEGIN without its instruction."""
+    regions, open_at = [], None
+    for i, line in enumerate(source.splitlines()):
+        text = line.strip()
+        if text.startswith(BEGIN_SOLUTION):
+            instruction = text[len(BEGIN_SOLUTION):].lstrip(":").strip()
+            if open_at is not None:
+                raise ValueError(f"line {i + 1}: {BEGIN_SOLUTION} inside the region opened on line {open_at[0] + 1}")
+            if not instruction:
+                raise ValueError(f"line {i + 1}: expected '{BEGIN_SOLUTION}: <what the student writes>'")
+            open_at = (i, line[:len(line) - len(line.lstrip())], instruction)
+        elif text.startswith(END_SOLUTION):
+            if open_at is None:
+                raise ValueError(f"line {i + 1}: {END_SOLUTION} without a {BEGIN_SOLUTION} above it")
+            regions.append((open_at[0], i, open_at[1], open_at[2]))
+            open_at = None
+    if open_at is not None:
+        raise ValueError(f"line {open_at[0] + 1}: {BEGIN_SOLUTION} without its {END_SOLUTION}")
+    return regions
+
+
+def _region_names(lines: list[str], regions) -> list[tuple[set[str], set[str]]]:
+    """For each region: (names it defines, names the rest of the cell reads)."""
+    import textwrap
+
+    rest = list(lines)
+    for begin, end, indent, _ in regions:
+        rest[begin:end + 1] = [f"{indent}pass"] + [""] * (end - begin)
+    _, read = _cell_names("\n".join(rest))
+    return [(_cell_names(textwrap.dedent("\n".join(lines[begin + 1:end])))[0], read)
+            for begin, end, _, _ in regions]
+
+
+def student_source(source: str) -> str:
+    """``source`` with each solution region replaced by its instruction (a comment) and placeholders."""
+    lines = source.splitlines()
+    regions = solution_regions(source)
+    if not regions:
+        return source
+    for (begin, end, indent, instruction), (defined, read) in reversed(list(zip(regions, _region_names(lines, regions)))):
+        region = "\n".join(lines[begin + 1:end])
+        answers = sorted(defined & read, key=lambda name: re.search(rf"\b{name}\b", region).start())   # as written
+        lines[begin:end + 1] = [f"{indent}{YOUR_CODE} {instruction}"] + \
+            [f"{indent}{name} = ...  # your answer" for name in answers] + ([f"{indent}pass"] if indent and not answers else [])
+    return "\n".join(lines) + ("\n" if source.endswith("\n") else "")
+
+
+def student_notebook(nb):
+    """A copy of ``nb`` (as :func:`notebook_from_source` makes it) with every solution region replaced, no outputs."""
+    import copy
+
+    student = copy.deepcopy(nb)
+    for i, cell in enumerate(student.cells):
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+            try:
+                cell.source = student_source(cell.source)
+            except ValueError as e:
+                raise ValueError(f"{cell_name(nb, i)}: {e}") from None
+    return student
+
+
+def solution_leaks(nb) -> list[str]:
+    """Cells that read a name a solution region above defines: in the student notebook that name is ``...``
+    or missing, so only the exercise's own cell may read it (static and approximate, like guard_problems)."""
+    problems, answers = [], {}              # name -> index of the cell whose solution region defines it
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        defined, read = _cell_names(student_source(cell.source))
+        problems += [f"{cell_name(nb, i)} reads {name!r}, an answer of the exercise in {cell_name(nb, answers[name])}: "
+                     f"the student notebook does not have it" for name in sorted(read & set(answers))]
+        answers = {name: j for name, j in answers.items() if name not in defined}
+        regions = solution_regions(cell.source)
+        for names, _ in _region_names(cell.source.splitlines(), regions):
+            answers.update(dict.fromkeys(names, i))
+    return problems
+
+
+def write_student(src: Path, dst: Path | None = None) -> Path:
+    """Write the student notebook of ``src`` (default ``notebooks/student/<name>.ipynb``), atomically."""
+    import nbformat
+
+    dst = dst or STUDENT / f"{src.stem}.ipynb"
+    nb = student_notebook(notebook_from_source(src))
+    nbformat.validate(nb)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_text(nbformat.writes(nb) + "\n", encoding="utf-8")
+    os.replace(tmp, dst)
+    return dst
 
 
 # --- execution --------------------------------------------------------------------------------
@@ -417,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(outputs ignored) or has no source")
     parser.add_argument("--keep-outputs-of-tagged", action="store_true",
                         help="keep the stored outputs of tagged cells that this machine cannot run")
+    parser.add_argument("--student-only", action="store_true",
+                        help="only write the student notebooks (notebooks/student/, solutions out; no kernel)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
     args = parser.parse_args(argv)
 
@@ -428,16 +557,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     chosen = args.only or names
 
-    if args.check:
-        problems = [p for n in chosen
-                    if (p := source_mismatch(SOURCES / f"{n}.py", NOTEBOOKS / f"{n}.ipynb"))]
+    if args.check:                           # the instructor's and the student's notebook of each chapter
+        problems = [p for n in chosen for folder, student in ((NOTEBOOKS, False), (STUDENT, True))
+                    if (p := source_mismatch(SOURCES / f"{n}.py", folder / f"{n}.ipynb", student))]
         if not args.only:
             problems += [f"{_rel(p)} has no source {_rel(SOURCES / (p.stem + '.py'))}"
-                         for p in sorted(NOTEBOOKS.glob("*.ipynb")) if p.stem not in names]
+                         for folder in (NOTEBOOKS, STUDENT) for p in sorted(folder.glob("*.ipynb"))
+                         if p.stem not in names]
         for p in problems:
             print(p)
-        print(f"{len(chosen)} notebook(s) checked, {len(problems)} problem(s)")
+        print(f"{len(chosen)} chapter(s) checked (instructor and student notebooks), {len(problems)} problem(s)")
         return 1 if problems else 0
+    if args.student_only:
+        for name in chosen:
+            print(f"wrote {_rel(write_student(SOURCES / f'{name}.py'))}")
+        return 0
 
     # kernels import this checkout's course_lib, installed or not; stored notebooks carry no progress bars
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -452,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         print(f"building notebooks/{name}.ipynb")
         try:
+            write_student(SOURCES / f"{name}.py")           # first: a bad solution marker stops before any kernel
             build(SOURCES / f"{name}.py", NOTEBOOKS / f"{name}.ipynb", have, demanded,
                   keep_tagged=args.keep_outputs_of_tagged, timeout=args.timeout)
         except ValueError as e:

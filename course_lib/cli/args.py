@@ -15,8 +15,40 @@ class UsageError(ValueError):
     """A command line argparse refused (unknown option, bad value, missing argument): one line, exit 2."""
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default: "(default: X)" is appended unless the help text already says
+    what the default is (or there is none: None, False, "")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and has_default(action) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def has_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` should show the option's default (not for None, False, "" or a suppressed one)."""
+    value = action.default
+    return not (value is None or value is False or value is argparse.SUPPRESS or (isinstance(value, str) and not value))
+
+
+class _Subcommands(argparse._SubParsersAction):
+    """A subcommand's ``--help`` starts with the one line it has in the command list."""
+
+    def add_parser(self, name, **kwargs):
+        if kwargs.get("help"):
+            kwargs.setdefault("description", kwargs["help"])
+        return super().add_parser(name, **kwargs)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one ``error:`` line (and exit code 2), not a usage block."""
+    """argparse, but a bad command line is one ``error:`` line (and exit code 2), not a usage block; ``--help``
+    shows every default (:class:`DefaultsFormatter`), in subcommands too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Subcommands)
 
     def error(self, message: str):
         command = self.prog.removeprefix("python -m course_lib").strip()
@@ -96,6 +128,16 @@ def ddim_steps(text: str) -> int:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
+
+
+def bench_variant(text: str) -> str:
+    """A chapter 3 variant name, e.g. fp16-batched-graph (course_lib.pipeline.speedups.Switches), normalised."""
+    from course_lib.pipeline.speedups import Switches
+
+    try:
+        return Switches.from_name(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from course_lib.cnsd.contract import MODEL_NAMES
-from course_lib.cli.args import (check_device, ddim_steps, device, image_file, image_side, int_at_least, nonneg_int,
-                                 out_folder, positive_int, seed_int)
+from course_lib.cli.args import (bench_variant, check_device, ddim_steps, device, image_file, image_side, int_at_least,
+                                 nonneg_int, out_folder, positive_int, seed_int)
 from course_lib.cli.common import add_tensorrt_option, load_model, make_tokenizer, say, use_tensorrt
 
 
@@ -54,9 +54,10 @@ def cmd_demo(args) -> int:
 def _export_and_check(model, out: Path, height: int, width: int):
     from course_lib.onnx.export_cnsd import check_exports, export_cnsd
 
-    say(f"exporting the four sub-models to ONNX ({height}x{width}) under {out / 'onnx'} ...")
+    say(f"exporting clip, controlnet, unet and decoder to ONNX in {out / 'onnx'} with torch.onnx.export "
+        f"({height}x{width})")
     export_cnsd(model, out / "onnx", height=height, width=width, progress=False)
-    say("checking each ONNX file against PyTorch on ONNX Runtime ...")
+    say("parity check: each ONNX file on ONNX Runtime against PyTorch on the same inputs")
     table = check_exports(model, out / "onnx", height=height, width=width)
     say(str(table))
     return table
@@ -79,7 +80,8 @@ def _demo_toy(args) -> int:
     table = _export_and_check(model, out, IMAGE_SIZE, IMAGE_SIZE)
     rows, scores = {}, []
     for kind in ("torch", "ort"):
-        say(f"canny2image on {kind}: {args.scenes} held-out shapes, {args.steps} DDIM steps, CFG 9 ...")
+        say(f"canny2image on {'PyTorch' if kind == 'torch' else 'ONNX Runtime'}: {args.scenes} held-out shapes, "
+            f"{args.steps} DDIM steps, CFG 9")
         pipe = Canny2Image(make_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config)
         rows[kind] = []
         scores.append(evaluate_pipeline(pipe, kind, n=args.scenes, ddim_steps=args.steps, keep_images=rows[kind],
@@ -111,13 +113,15 @@ def _demo_tiny(args) -> int:
     table = _export_and_check(model, out, args.height, args.width)
     images = {}
     for kind in ("torch", "ort"):
-        say(f"canny2image on {kind} ({args.steps} DDIM steps) ...")
+        say(f"canny2image on {'PyTorch' if kind == 'torch' else 'ONNX Runtime'}: {args.steps} DDIM steps, "
+            f"{args.height}x{args.width}")
         pipe = Canny2Image(make_backends(kind, model, onnx_dir=out / "onnx"), tokenizer, model.config,
                            progress=not args.quiet)
         images[kind] = pipe.process(photo, "a bird", image_resolution=min(args.height, args.width),
                                     ddim_steps=args.steps)[0]
         write_image(out / f"canny2image_{kind}.png", images[kind])
         say(f"{kind:5s}: {pipe.last_timings.total:.0f} ms -> {out / f'canny2image_{kind}.png'}")
+    say(f"writing the Canny hint to {out / 'canny_hint.png'}")
     write_image(out / "canny_hint.png", pipe.last_edge_map)
     diff = max_pixel_diff(images["torch"], images["ort"])
     say(f"image torch vs ONNX Runtime: max pixel difference {diff}, PSNR {psnr(images['torch'], images['ort']):.1f} dB")
@@ -178,23 +182,46 @@ def cmd_build(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Chapter 3: one pipeline variant on a random-weight preset; JSON under --out."""
+    """Chapter 3: one pipeline variant on a random-weight preset; JSON under --out. A variant this machine
+    cannot run (graph, compile on a CPU) is one error line before any work (run_bench checks first)."""
+    import torch
+
     from course_lib.bench import run_bench, stage_table, variant_table
+    from course_lib.pipeline.speedups import Switches, check_device as check_variant
 
     check_device(args.device)
-    result = run_bench(args.config, args.variant, device=args.device, iters=args.iters, warmup=args.warmup,
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    switches = Switches.from_name(args.variant)
+    check_variant(switches, device)                                  # graph/compile on a CPU: one line, no work
+    say(f"bench {args.variant} on {device} ({args.config}, {args.height}x{args.width}, {switches.steps or args.steps} "
+        f"steps): " + ("" if args.variant == "fp32-separate" else "the fp32-separate reference image, then ")
+        + f"warm-up and {args.iters} timed images" + ("" if args.no_stages else ", then each stage alone"))
+    result = run_bench(args.config, args.variant, device=device, iters=args.iters, warmup=args.warmup,
                        height=args.height, width=args.width, steps=args.steps, seed=args.seed, out=args.out,
-                       stages=not args.no_stages)
+                       stages=not args.no_stages, progress=not args.quiet)
     say(variant_table([result]))
     if not args.no_stages:
         say(stage_table([result]))
     return 0
 
 
-def cmd_score(args) -> int:
-    from course_lib.score import score_folder, score_table
+SCORE_DESCRIPTION = (
+    "Score each image of IMAGES_DIR against the file of the same name in --reference: PSNR, the largest "
+    "pixel difference, PD (the distance of InceptionV3 features; needs pytorch-fid and its weights on disk) "
+    "and the course score, pd_factor(PD) x 7000 / latency in ms. Latencies come from IMAGES_DIR/latencies.json "
+    "if it exists: one JSON object mapping an image's file name to the milliseconds it took, e.g. "
+    '{"bird_0.png": 812.5, "bird_1.png": 790.0} (nothing writes it for you: put in the ms that run printed, '
+    "or your own timings, warm-up excluded). An image without a latency or a PD has no score.")
 
-    say(score_table(score_folder(args.images, args.reference, with_pd=args.pd)))
+
+def cmd_score(args) -> int:
+    from course_lib.score import pd_unavailable, score_folder, score_table
+
+    rows = score_folder(args.images, args.reference, with_pd=args.pd)
+    note = None
+    if all(r.pd is None for r in rows):
+        note = "--no-pd was given" if args.pd is False else pd_unavailable()
+    say(score_table(rows, pd_note=note))
     return 0
 
 
@@ -214,22 +241,26 @@ def add_commands(sub) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("export", help="export the four CNSD models to ONNX and check them against torch")
-    e.add_argument("--config", choices=["tiny", "toy", "sd15"], default="tiny")
+    e.add_argument("--config", choices=["tiny", "toy", "sd15"], default="tiny",
+                   help="preset: tiny (small widths, runs on a CPU), toy (the trained toy, 64x64) or sd15 "
+                        "(the real model's sizes)")
     e.add_argument("--checkpoint", help="control_sd15_canny.pth or .safetensors (default: random weights)")
     e.add_argument("--out", required=True, type=out_folder, help="output folder")
-    e.add_argument("--batch", type=positive_int, default=1)
-    e.add_argument("--height", type=image_side, default=256)
-    e.add_argument("--width", type=image_side, default=384)
+    e.add_argument("--batch", type=positive_int, default=1, help="batch of the example inputs (static shapes)")
+    e.add_argument("--height", type=image_side, default=256, help="image height, a multiple of 64")
+    e.add_argument("--width", type=image_side, default=384, help="image width, a multiple of 64")
     e.add_argument("--dynamic", default="", help="dynamic axes, e.g. B or B,H,W (default: static shapes)")
-    e.add_argument("--models", nargs="+", choices=MODEL_NAMES)
+    e.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="export only these (default: all four)")
     e.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights (no --checkpoint)")
     e.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
 
     b = sub.add_parser("build", help="build TensorRT plans from a folder of ONNX files (TensorRT for RTX: no GPU needed)")
-    b.add_argument("--onnx-dir", required=True)
-    b.add_argument("--out", required=True, type=out_folder)
-    b.add_argument("--profile", choices=["static", "dynamic"], default="static")
-    b.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5")
+    b.add_argument("--onnx-dir", required=True, help="the folder python -m course_lib export wrote")
+    b.add_argument("--out", required=True, type=out_folder, help="folder for <name>.plan and their sidecars")
+    b.add_argument("--profile", choices=["static", "dynamic"], default="static",
+                   help="optimisation profile: the one shape given, or a range around it")
+    b.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5",
+                   help="builder optimisation level: higher tries more tactics (slower build)")
     b.add_argument("--timing-cache", help="timing cache file to load and update (full TensorRT only)")
     b.add_argument("--batch", type=positive_int, default=1, help="batch the plans are built (static) or tuned (dynamic) for")
     b.add_argument("--height", type=image_side, default=256, help="image height (default 256, as the course)")
@@ -239,19 +270,21 @@ def add_commands(sub) -> None:
     add_tensorrt_option(b)
 
     r = sub.add_parser("run", help="canny2image on torch, ONNX Runtime or TensorRT")
-    r.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch")
+    r.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch",
+                   help="torch (needs nothing), ort (needs --onnx-dir) or trt (needs --plan-dir)")
     r.add_argument("--image", help="input photo (default: a sample photo shipped with matplotlib)")
-    r.add_argument("--prompt", default="a bird")
+    r.add_argument("--prompt", default="a bird", help="what to draw on the photo's edges")
     r.add_argument("--out", required=True, type=image_file, help="output image (.png)")
-    r.add_argument("--config", choices=["tiny", "toy", "sd15"], default="tiny")
+    r.add_argument("--config", choices=["tiny", "toy", "sd15"], default="tiny",
+                   help="preset the models come from (toy: the trained weights shipped with course_lib)")
     r.add_argument("--checkpoint", help="weights for --backend torch (default: random, --seed-weights)")
-    r.add_argument("--seed-weights", type=seed_int, default=0)
-    r.add_argument("--onnx-dir", help="folder with clip/controlnet/unet/decoder.onnx (--backend ort)")
-    r.add_argument("--plan-dir", help="folder with clip/controlnet/unet/decoder.plan (--backend trt)")
+    r.add_argument("--seed-weights", type=seed_int, default=0, help="seed of the random weights (--backend torch, no --checkpoint)")
+    r.add_argument("--onnx-dir", help="folder with clip/controlnet/unet/decoder.onnx (required with --backend ort)")
+    r.add_argument("--plan-dir", help="folder with clip/controlnet/unet/decoder.plan (required with --backend trt)")
     r.add_argument("--vocab", help="CLIP vocabulary (HF tokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
-    r.add_argument("--steps", type=ddim_steps, default=20)
-    r.add_argument("--resolution", type=int_at_least(64), default=256)
-    r.add_argument("--seed", type=seed_int, default=2946901)
+    r.add_argument("--steps", type=ddim_steps, default=20, help="DDIM steps")
+    r.add_argument("--resolution", type=int_at_least(64), default=256, help="the photo's shorter side is resized to this")
+    r.add_argument("--seed", type=seed_int, default=2946901, help="seed of the initial noise (the course's)")
     r.add_argument("--guidance", choices=["separate", "batched"], default="separate",
                    help="cond and uncond as two calls of each model (the original) or one batch of 2")
     r.add_argument("--cuda-graph", action="store_true", help="replay a CUDA graph per engine (--backend trt)")
@@ -263,23 +296,27 @@ def add_commands(sub) -> None:
     add_tensorrt_option(r)
 
     n = sub.add_parser("bench", help="time one canny2image variant (chapter 3), e.g. fp16-batched-graph-sdpa")
-    n.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
-    n.add_argument("--variant", default="fp32-separate",
+    n.add_argument("--config", choices=["tiny", "sd15"], default="tiny", help="preset, with seeded random weights")
+    n.add_argument("--variant", type=bench_variant, default="fp32-separate",
                    help="switches joined by '-': fp32|fp16, separate|batched (guidance), graph, sdpa, hint-once, "
-                        "compile, reuse-epsN, stepsN, cache-text")
+                        "compile, reuse-epsN, stepsN, cache-text; graph and compile need a CUDA GPU")
     n.add_argument("--device", type=device, help="cpu or cuda (default: cuda when available)")
-    n.add_argument("--iters", type=positive_int, default=5)
-    n.add_argument("--warmup", type=nonneg_int, default=1)
-    n.add_argument("--height", type=image_side, default=256)
-    n.add_argument("--width", type=image_side, default=384)
-    n.add_argument("--steps", type=ddim_steps, default=20)
-    n.add_argument("--seed", type=seed_int, default=2946901)
+    n.add_argument("--iters", type=positive_int, default=5, help="timed images (the table gives their median)")
+    n.add_argument("--warmup", type=nonneg_int, default=1, help="untimed images first (compiles, graph captures)")
+    n.add_argument("--height", type=image_side, default=256, help="image height")
+    n.add_argument("--width", type=image_side, default=384, help="image width")
+    n.add_argument("--steps", type=ddim_steps, default=20, help="DDIM steps (a stepsN part of --variant overrides it)")
+    n.add_argument("--seed", type=seed_int, default=2946901, help="seed of the initial noise")
     n.add_argument("--out", type=out_folder, help="folder for bench_<variant>.json")
     n.add_argument("--no-stages", action="store_true", help="time the whole pipeline only")
+    n.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images")
-    s.add_argument("images")
-    s.add_argument("--reference", required=True, help="folder with the fp32 reference images (same names)")
+    s = sub.add_parser("score", help="PSNR, max pixel difference, PD and the course score of a folder of images",
+                       description=SCORE_DESCRIPTION)
+    s.add_argument("images", metavar="IMAGES_DIR", help="folder of the images to score (.png, .jpg, .jpeg, .bmp), "
+                   "with an optional latencies.json")
+    s.add_argument("--reference", required=True, metavar="DIR",
+                   help="folder with the fp32 reference images, one per image of IMAGES_DIR, same file names")
     s.add_argument("--pd", action=argparse.BooleanOptionalAction, default=None,
                    help="compute PD with pytorch_fid (default: when installed)")
     for parser, func in ((d, cmd_demo), (e, cmd_export), (b, cmd_build), (r, cmd_run), (n, cmd_bench), (s, cmd_score)):

@@ -87,19 +87,19 @@ def cmd_grade(args) -> int:
 def add_commands(sub) -> None:
     """Register submit and grade."""
     h = sub.add_parser("submit", help="homework: run its checks and write one zip (see docs/instructors.md)")
-    h.add_argument("--hw", required=True, choices=["1", "2", "3", "int8"])
+    h.add_argument("--hw", required=True, choices=["1", "2", "3", "int8"], help="which homework")
     h.add_argument("--student", required=True, help="your ID (letters, digits, '.', '_', '-')")
     h.add_argument("--seed", type=int, default=0, help="the seed your instructor issued")
     h.add_argument("--out", type=suffixed(".zip"), help="the zip to write (default: only run the checks and list the files)")
     h.add_argument("--work", default="homework", help="folder with hw1/, hw2/, hw3/, int8/ (default: homework)")
-    h.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    h.add_argument("--config", choices=["tiny", "sd15"], default="tiny", help="the preset your hand-in was made on")
     h.add_argument("--checkpoint", help="sd15: control_sd15_canny.pth or .safetensors, the reference for the tests")
 
     g = sub.add_parser("grade", help="instructors: grade a folder of submission zips on a CPU machine")
     g.add_argument("submissions", help="folder of *.zip")
     g.add_argument("--out", required=True, type=out_folder, help="results folder: <student>/results.json and summary.csv")
     g.add_argument("--roster", help="CSV student,seed of the seeds you issued")
-    g.add_argument("--salt", default="", help="a secret mixed into the seeds of the re-check inputs")
+    g.add_argument("--salt", default="", help="a secret mixed into the seeds of the re-check inputs (default: none)")
     g.add_argument("--require-gpu", action="store_true", help="GPU evidence (engines) counts towards the score")
     g.add_argument("--points", help='JSON file {"test name": points, ...} overriding the default points')
     g.add_argument("--keep", action="store_true", help="keep each unpacked submission in <out>/<student>/files/")

@@ -113,19 +113,20 @@ def add_commands(sub) -> None:
                        ("check", "compare ONNX Runtime with TensorRT (--plan) or torch: raw outputs and detections "
                                  "(course_lib.yolov5.check: one definition of agreement)")):
         c = ysub.add_parser(name, help=text)
-        c.add_argument("--size", choices=["n", "s", "m", "l", "x"], default="s")
+        c.add_argument("--size", choices=["n", "s", "m", "l", "x"], default="s", help="YOLOv5 model size")
         c.add_argument("--nc", type=positive_int, default=9, help="number of classes (course: 9)")
         c.add_argument("--img-size", type=yolo_size, default=1120, help="square model input (course: 1120)")
         c.add_argument("--weights", help="state_dict (.pt/.safetensors) of a model trained with ultralytics/yolov5")
         if name == "export":
             c.add_argument("--out", required=True, type=suffixed(".onnx"), help="the .onnx file to write")
-            c.add_argument("--dynamic-batch", action="store_true")
+            c.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis (default: batch 1)")
         if name == "build":
-            c.add_argument("--onnx", required=True)
+            c.add_argument("--onnx", required=True, help="the .onnx file yolo export wrote")
             c.add_argument("--out", required=True, type=suffixed(".plan"), help="the .plan file to write")
             c.add_argument("--fp16", action="store_true", help="build from an FP16 copy of the ONNX (chapter 3)")
-            c.add_argument("--batch", type=positive_int, default=1)
-            c.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5")
+            c.add_argument("--batch", type=positive_int, default=1, help="batch the plan is built for")
+            c.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5",
+                           help="builder optimisation level")
         if name in ("detect", "check"):
             c.add_argument("--onnx", help="run this ONNX file with ONNX Runtime")
             c.add_argument("--plan", help="run this TensorRT plan")

@@ -17,6 +17,11 @@ import numpy as np
 # TensorRT engines inside the session (minutes for the UNet); the course builds its own in chapter 2.
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
+# ONNX Runtime's own log: errors only. Its warnings -- e.g. "can't constant fold Trilu node" for the FP16 CLIP
+# (no FP16 CPU kernel for Trilu: it runs unfolded, harmless) -- go to C-level stderr in ANSI colours, which a
+# notebook cannot capture or compare; what matters about a session the course checks and says itself.
+ORT_LOG_SEVERITY = 3                 # 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+
 # ONNX element types the course's models use -> numpy
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
              "tensor(int64)": np.int64, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
@@ -44,7 +49,8 @@ def ort_session(path, providers: Sequence[str] | None = None):
 
     ``providers=None`` takes those of :data:`DEFAULT_PROVIDERS` that are installed (CUDA, else CPU);
     naming a provider that is not installed is a ValueError. If ORT falls back from the first
-    provider at run time (e.g. missing CUDA libraries), a warning says so.
+    provider at run time (e.g. missing CUDA libraries), a warning says so. ORT logs errors only
+    (:data:`ORT_LOG_SEVERITY`).
     """
     import onnxruntime as ort
 
@@ -58,7 +64,9 @@ def ort_session(path, providers: Sequence[str] | None = None):
     if missing:
         raise ValueError(f"ONNX Runtime providers {missing} are not installed here (available: {available})")
     try:
-        session = ort.InferenceSession(str(path), providers=list(providers))
+        options = ort.SessionOptions()
+        options.log_severity_level = ORT_LOG_SEVERITY
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as e:  # onnxruntime's Fail, InvalidProtobuf, NoSuchFile, ... (not RuntimeError)  # noqa: BLE001
         if not _from_onnxruntime(e):
             raise

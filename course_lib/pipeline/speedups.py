@@ -139,8 +139,15 @@ class Switches:
         return cls(**values)
 
     @property
+    def cuda_parts(self) -> tuple[str, ...]:
+        """The parts of the name that need a CUDA GPU: "graph" and "loop-graph" (CUDA graphs), "compile"
+        (compiled for CUDA), "fp8" (Hopper's FP8 matmuls)."""
+        return tuple(part for part, on in (("graph", self.cuda_graph), ("compile", self.compile),
+                                           ("loop-graph", self.loop_graph), ("fp8", self.fp8)) if on)
+
+    @property
     def needs_cuda(self) -> bool:
-        return self.cuda_graph or self.compile or self.loop_graph or self.fp8
+        return bool(self.cuda_parts)
 
     @property
     def compile_mode(self) -> str | None:
@@ -151,6 +158,17 @@ class Switches:
     def build_key(self) -> "Switches":
         """The switches that shape a built pipeline: steps and eps reuse only change a call or wrap the eps."""
         return replace(self, steps=None, reuse_every=0)
+
+
+def check_device(switches: Switches, device: str | torch.device) -> None:
+    """Chapter 3: ValueError in one line when ``switches`` need a CUDA GPU (:attr:`Switches.cuda_parts`) and ``device`` is
+    not one, naming the parts and the variant that would run there."""
+    if switches.needs_cuda and torch.device(device).type != "cuda":
+        here = "" if torch.cuda.is_available() else " (torch sees no GPU here)"
+        raise ValueError(f"variant {switches.name}: {' and '.join(switches.cuda_parts)} "
+                         f"need{'s' if len(switches.cuda_parts) == 1 else ''} a CUDA GPU, got device "
+                         f"{device}{here}; the variant without {'it' if len(switches.cuda_parts) == 1 else 'them'}: "
+                         f"{replace(switches, cuda_graph=False, compile=False, compile_max=False, loop_graph=False, fp8=False).name}")
 
 
 def to_half(cnsd: torch.nn.Module) -> torch.nn.Module:
@@ -226,8 +244,7 @@ def make_pipeline(model: torch.nn.Module, tokenizer, switches: Switches | str = 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     if dtype != DTYPES[s.dtype]:
         raise ValueError(f"model is {dtype}, variant {s.name} asks for {s.dtype}: pass to_half(model) for fp16 variants")
-    if s.needs_cuda and torch.device(device).type != "cuda":
-        raise ValueError(f"variant {s.name}: graph, loop-graph, compile and fp8 need device cuda, got {device}")
+    check_device(s, device)
     if s.fp8 and (reason := fp8_unsupported(device)):
         raise ValueError(f"variant {s.name}: {reason}")
     for switch, on, wanted, make in (("cl", stores_channels_last(model), s.channels_last, "to_channels_last"),

@@ -121,7 +121,10 @@ latents_torch = pipe_torch.last_latents
 print("image", image_torch.shape, image_torch.dtype, "| DDIM latents recorded:", len(latents_torch))
 
 # %% tags=["nbval-ignore-output"]
-print(pipe_torch.last_timings.summary())   # milliseconds per stage on this machine
+from course_lib.timing import markdown_table
+
+stages = pipe_torch.last_timings.summary()   # milliseconds per stage on this machine
+print(markdown_table(["stage", "ms"], list(stages.items())))
 
 # %% [markdown]
 # ### Inside `process()`: the DDIM loop
@@ -350,11 +353,16 @@ show_in_netron(out / "unet.onnx")
 # Fill in and run the check.
 
 # %%
+from course_lib.notebook import answered      # the check below says "not done yet" until you have answered
+
+### BEGIN SOLUTION: the names of the controls at the latent's 16x24 (a list), and control12's channels in tiny
 full_size = [n for n, t in zip(small["controlnet"].output_names, small["controlnet"].outputs) if t.shape[2:] == (16, 24)]
 control12_channels = small["controlnet"].outputs[-1].shape[1]
-assert full_size == ["control0", "control1", "control2"], full_size
-assert control12_channels == tiny.controlnet.model_channels * tiny.controlnet.channel_mult[-1]
-print("exercise 1: correct")
+### END SOLUTION
+if answered("exercise 1", full_size, control12_channels):
+    assert full_size == ["control0", "control1", "control2"], full_size
+    assert control12_channels == tiny.controlnet.model_channels * tiny.controlnet.channel_mult[-1]
+    print("exercise 1: correct")
 
 # %% [markdown]
 # **2.** Export the VAE decoder with a dynamic batch only (`dynamic={"B"}`) and check that it decodes
@@ -363,11 +371,14 @@ print("exercise 1: correct")
 # %%
 from course_lib.onnx.compare import check_onnx_against_torch
 
+### BEGIN SOLUTION: export to out / "exercise2", then ex2 = check_onnx_against_torch(...) on a batch of 2
 dec = export_cnsd(model, out / "exercise2", height=128, width=192, dynamic={"B"}, models=["decoder"])
 two = example_inputs(contracts(tiny, 2, 128, 192)["decoder"], seed=3)
 ex2 = check_onnx_against_torch(model.positional("decoder"), dec["decoder"].path, two)
-assert ex2.passed and ex2.rows[0].ref_shape == (2, 3, 128, 192)
-print("exercise 2: correct")
+### END SOLUTION
+if answered("exercise 2", ex2):
+    assert ex2.passed and ex2.rows[0].ref_shape == (2, 3, 128, 192)
+    print("exercise 2: correct")
 
 # %% [markdown]
 # ## Hand it in (homework 1, the CPU half)

@@ -755,19 +755,27 @@ print("homework 1 and 2 ready to hand in:", every(dry_run.passed for dry_run in 
 # export (`dynamic_dims`) that takes batch 1 or 2 at exactly 128×192, tuned for batch 2.
 
 # %%
+from course_lib.notebook import answered      # the checks below say "not done yet" until you have answered
+
+### BEGIN SOLUTION: batch_profile = dynamic_profile(dynamic_dims, ...) for batch 1..2 at 128x192, opt 2
 batch_profile = dynamic_profile(dynamic_dims, min_size=(1, 128, 192), opt_size=(2, 128, 192), max_size=(2, 128, 192))
-assert batch_profile["x_noisy"] == ((1, 4, 16, 24), (2, 4, 16, 24), (2, 4, 16, 24))
-assert batch_profile["timestep"] == ((1,), (2,), (2,))
-print("exercise 1: correct")
+### END SOLUTION
+if answered("exercise 1", batch_profile):
+    assert batch_profile["x_noisy"] == ((1, 4, 16, 24), (2, 4, 16, 24), (2, 4, 16, 24))
+    assert batch_profile["timestep"] == ((1,), (2,), (2,))
+    print("exercise 1: correct")
 
 # %% [markdown]
 # **2.** An image with PD 2 takes 1000 ms. How fast must an image with PD 6 be to score the same?
 # Work it out from `pd_factor`, then check with `course_score`.
 
 # %%
+### BEGIN SOLUTION: the ms at PD 6 that scores as much as 1000 ms at PD 2, from pd_factor
 same_score_ms = 1000.0 * pd_factor(6.0) / pd_factor(2.0)
-assert abs(course_score(6.0, same_score_ms) - course_score(2.0, 1000.0)) < 1e-9
-print(f"exercise 2: correct ({same_score_ms:.2f} ms)")
+### END SOLUTION
+if answered("exercise 2", same_score_ms):
+    assert abs(course_score(6.0, same_score_ms) - course_score(2.0, 1000.0)) < 1e-9
+    print(f"exercise 2: correct ({same_score_ms:.2f} ms)")
 
 # %% [markdown]
 # **3.** Any class with `name`, `input_names`, `output_names` and `infer` is a backend. Write one that
@@ -776,6 +784,7 @@ print(f"exercise 2: correct ({same_score_ms:.2f} ms)")
 # decoder once. (4 steps here, to be quick.)
 
 # %%
+### BEGIN SOLUTION: class CountingBackend: CountingBackend(inner) passes infer() on to inner, counts in .calls
 class CountingBackend:
     """Wraps a backend and counts infer() calls."""
 
@@ -786,14 +795,16 @@ class CountingBackend:
     def infer(self, feed):
         self.calls += 1
         return self.inner.infer(feed)
+### END SOLUTION
 
 
-counted = {name: CountingBackend(b) for name, b in backends["ort"].items()}
-Canny2Image(counted, tokenizer, tiny).process(photo, "a bird", image_resolution=128, ddim_steps=4)
-calls = {name: b.calls for name, b in counted.items()}
-assert isinstance(counted["unet"], Backend)
-assert calls == {"clip": 2, "controlnet": 8, "unet": 8, "decoder": 1}, calls
-print("exercise 3: correct", calls)
+if answered("exercise 3", CountingBackend):
+    counted = {name: CountingBackend(b) for name, b in backends["ort"].items()}
+    Canny2Image(counted, tokenizer, tiny).process(photo, "a bird", image_resolution=128, ddim_steps=4)
+    calls = {name: b.calls for name, b in counted.items()}
+    assert isinstance(counted["unet"], Backend)
+    assert calls == {"clip": 2, "controlnet": 8, "unet": 8, "decoder": 1}, calls
+    print("exercise 3: correct", calls)
 
 # %% [markdown]
 # ## Self-check

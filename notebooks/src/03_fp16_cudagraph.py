@@ -303,7 +303,9 @@ print(f"sd15 UNet fp16, batch 2, 256x384: eager {eager['median']:.1f} ms, CUDA g
 # %%
 import json
 
-bench = json.loads(Path("../docs/bench/h100_ch3.json").read_text())
+from course_lib.notebook import course_file          # the repository's docs/, from notebooks/ or notebooks/student/
+
+bench = json.loads(course_file("docs/bench/h100_ch3.json").read_text())
 env = bench["environment"]
 print(f"measured on {env['gpu']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}")
 print(f"compute floor: {bench['image_tflop']:.1f} TFLOP per image -> {bench['floor_ms']:.1f} ms at 800 TFLOP/s")

@@ -120,8 +120,9 @@ for name in ("controlnet", "unet"):
 #
 # A tempting shortcut: "if `to_k` takes as many features as `to_q`, it is self-attention". In sd15 that
 # happens to work (the context has 768 features, no level has 768 channels). In the tiny preset the
-# text context has 64 features, and so do the level-1 feature maps: the level-1 **cross**-attention
-# layers have `context_dim == query_dim`.
+# text context has 64 features, and so do the feature maps of level 1 (levels count from 0, as
+# `channel_mult` does: 32, 64, 128, 128 channels): level 1's **cross**-attention layers have
+# `context_dim == query_dim`.
 
 # %%
 from course_lib.cnsd.attention import CrossAttention
@@ -180,8 +181,10 @@ naive = build_fused_in_init(tiny, seed=0)
 print(load_checkpoint(checkpoint, naive))
 
 # %% [markdown]
-# The parity check against the unfused model with the same checkpoint says otherwise: the ControlNet's
-# 13 outputs are nowhere near.
+# The parity check against the unfused model with the same checkpoint says otherwise: 12 of the
+# ControlNet's 13 outputs fail. Only `control0` agrees, exactly: it is taken after the first convolution
+# and the hint block, before the first transformer (`input_blocks[1]`). Every later output has passed
+# through at least one attention layer, whose fused weight still holds the random initial values.
 
 # %%
 from course_lib.cnsd import contracts, example_inputs
@@ -312,7 +315,7 @@ print("rows:", len(parity.rows), "| all pass at rtol 1e-3, atol 1e-5:", parity.p
 
 # %% [markdown]
 # Netron shows it best: open the fused ControlNet and follow an `attn1` block — one `MatMul` with a
-# (32 × 96) weight feeding a `Split` (the tiny level-1 layer: C = 32, so 3C = 96). The cell starts a
+# (32 × 96) weight feeding a `Split` (a level-0 layer of the tiny model: C = 32, so 3C = 96). The cell starts a
 # local Netron server on a free port, as in chapter 1.
 
 # %% tags=["nbval-ignore-output"]
@@ -348,7 +351,9 @@ print(time_attention(model, "controlnet", height=64, width=64, repeats=3))
 # %%
 import json
 
-h100 = json.loads(Path("../docs/bench/h100_ch4.json").read_text())
+from course_lib.notebook import course_file          # the repository's docs/, from notebooks/ or notebooks/student/
+
+h100 = json.loads(course_file("docs/bench/h100_ch4.json").read_text())
 env = h100["environment"]
 print(f"measured on {env['gpu']} (driver {env['driver']}), torch {env['torch']}, CUDA {env['cuda']}, "
       f"{env['date'][:10]}; eager PyTorch, {h100['args']['dtype']}, batch {h100['args']['batch']}")
@@ -496,11 +501,16 @@ print("ONNX checks: ", [c.name for c in hw3_onnx["unet"].checks], "passed:", all
 # (per layer: its projections, `QKᵀ`, `softmax·V`, `to_out`) and check against `expected_matmul_counts`.
 
 # %%
+from course_lib.notebook import answered      # the checks below say "not done yet" until you have answered
+
 n_self, n_cross = attention_layer_counts(sd15, "unet")
+### BEGIN SOLUTION: my_total, the fused UNet's attention MatMuls, from n_self and n_cross
 my_total = n_self * (1 + 2 + 1) + n_cross * (2 + 2 + 1)
-assert my_total == expected_matmul_counts(sd15, "unet", fused=True)["total"]
-print(f"exercise 1: correct ({my_total} attention MatMuls, "
-      f"{expected_matmul_counts(sd15, 'unet', fused=False)['total'] - my_total} fewer than unfused)")
+### END SOLUTION
+if answered("exercise 1", my_total):
+    assert my_total == expected_matmul_counts(sd15, "unet", fused=True)["total"]
+    print(f"exercise 1: correct ({my_total} attention MatMuls, "
+          f"{expected_matmul_counts(sd15, 'unet', fused=False)['total'] - my_total} fewer than unfused)")
 
 # %% [markdown]
 # **2.** Fuse one cross-attention layer by hand: one product of the text with `cat(Wk, Wv)`, split in
@@ -510,12 +520,15 @@ print(f"exercise 1: correct ({my_total} attention MatMuls, "
 layer = reference.unet.middle_block[1].transformer_blocks[0].attn2      # unfused, checkpoint weights
 x_mid, text = torch.randn(1, 4, 128), torch.randn(1, 77, 64)
 with torch.no_grad():
+    want = layer.project(x_mid, text)                                   # the layer's own (q, k, v)
+    ### BEGIN SOLUTION: w_kv = cat(Wk, Wv); k_mine, v_mine from one product of text with it; q_mine from x_mid
     w_kv = torch.cat([layer.to_k.weight, layer.to_v.weight])            # (2C, context_dim)
     k_mine, v_mine = F.linear(text, w_kv).chunk(2, dim=-1)
     q_mine = layer.to_q(x_mid)
-    want = layer.project(x_mid, text)
-assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip((q_mine, k_mine, v_mine), want))
-print("exercise 2: correct", tuple(w_kv.shape))
+    ### END SOLUTION
+if answered("exercise 2", q_mine, k_mine, v_mine, w_kv):
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip((q_mine, k_mine, v_mine), want))
+    print("exercise 2: correct", tuple(w_kv.shape))
 
 # %% [markdown]
 # **3.** A classic bug: the weights concatenated in the wrong order, `cat(Wk, Wq, Wv)`. Break one
@@ -524,12 +537,15 @@ print("exercise 2: correct", tuple(w_kv.shape))
 
 # %%
 attn = model.controlnet.input_blocks[1][1].transformer_blocks[0].attn1
+### BEGIN SOLUTION: set attn.to_qkv.weight to cat(Wk, Wq, Wv), verdict = check_hw3(model, reference), repair
 attn.to_qkv.weight = torch.cat([attn.to_k.weight, attn.to_q.weight, attn.to_v.weight]).detach()
 verdict = check_hw3(model, reference)
 attn.refresh()
-assert not verdict.passed and "wrong concatenation order" in verdict["fused_weights"].message
-assert torch.equal(attn.to_qkv.weight, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
-print("exercise 3: correct ->", verdict["fused_weights"].message.split(": ", 1)[1])
+### END SOLUTION
+if answered("exercise 3", verdict):
+    assert not verdict.passed and "wrong concatenation order" in verdict["fused_weights"].message
+    assert torch.equal(attn.to_qkv.weight, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
+    print("exercise 3: correct ->", verdict["fused_weights"].message.split(": ", 1)[1])
 
 # %% [markdown]
 # ## Hand it in

@@ -405,10 +405,15 @@ for kind, latent in trt_out.items():
 # becomes. Fill in and run the check.
 
 # %%
+from course_lib.notebook import answered      # the checks below say "not done yet" until you have answered
+
+### BEGIN SOLUTION: scale_ex1, the symmetric INT8 scale for max |x| = 2.54, and q_of_one, the integer 1.0 becomes
 scale_ex1 = 2.54 / 127
 q_of_one = int(np.round(1.0 / scale_ex1))
-assert abs(scale_ex1 - 0.02) < 1e-9 and q_of_one == 50
-print("exercise 1: correct")
+### END SOLUTION
+if answered("exercise 1", scale_ex1, q_of_one):
+    assert abs(scale_ex1 - 0.02) < 1e-9 and q_of_one == 50
+    print("exercise 1: correct")
 
 # %% [markdown]
 # **2.** The course calibrates at 20 DDIM steps with separate CFG calls. How many UNet samples do 8 photos
@@ -416,11 +421,14 @@ print("exercise 1: correct")
 # this chapter's manifest first.
 
 # %%
+### BEGIN SOLUTION: samples_per_run(steps, stride=1), the UNet samples one photo gives
 samples_per_run = lambda steps, stride=1: len(range(0, steps, stride)) * 2   # noqa: E731
-assert len(calib.samples("unet")) == len(photos) * samples_per_run(STEPS)
-full, strided = 8 * samples_per_run(20), 8 * samples_per_run(20, 4)
-assert (full, strided) == (320, 80)
-print("exercise 2: correct")
+### END SOLUTION
+if answered("exercise 2", samples_per_run):
+    assert len(calib.samples("unet")) == len(photos) * samples_per_run(STEPS)
+    full, strided = 8 * samples_per_run(20), 8 * samples_per_run(20, 4)
+    assert (full, strided) == (320, 80)
+    print("exercise 2: correct")
 
 # %% [markdown]
 # **3.** Which layers would stay float if we *also* kept the attention matmuls (q·kᵀ and softmax·v) out of
@@ -428,10 +436,13 @@ print("exercise 2: correct")
 
 # %%
 unet_groups = sensitive_nodes(fp32["unet"])
+### BEGIN SOLUTION: kept_with_attention, the UNet layers that would stay float, from unet_groups
 kept_with_attention = sum(len(unet_groups[g]) for g in ("time_embed", "first_last_conv", "attention"))
-assert kept_with_attention == len(reports["unet"].float_layers) + len(unet_groups["attention"])
-assert len(unet_groups["attention"]) % 2 == 0          # two matmuls per attention layer
-print("exercise 3: correct")
+### END SOLUTION
+if answered("exercise 3", kept_with_attention):
+    assert kept_with_attention == len(reports["unet"].float_layers) + len(unet_groups["attention"])
+    assert len(unet_groups["attention"]) % 2 == 0          # two matmuls per attention layer
+    print("exercise 3: correct")
 
 # %% [markdown]
 # ## Hand it in (the INT8 homework)

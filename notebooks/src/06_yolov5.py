@@ -262,11 +262,16 @@ for name, engine in engines.items():
 # from the strides and anchors, then check against the model.
 
 # %%
+from course_lib.notebook import answered      # the checks below say "not done yet" until you have answered
+
+### BEGIN SOLUTION: rows_640 and rows_1120x640, from the strides (8, 16, 32) and 3 anchors per cell
 rows_640 = 3 * (80**2 + 40**2 + 20**2)
 rows_1120x640 = 3 * (140 * 80 + 70 * 40 + 35 * 20)
-assert rows_640 == output_ort.shape[1] == config.output_shape(1, 640, 640)[1]
-assert rows_1120x640 == config.output_shape(1, 1120, 640)[1]
-print("exercise 1: correct", rows_640, rows_1120x640)
+### END SOLUTION
+if answered("exercise 1", rows_640, rows_1120x640):
+    assert rows_640 == output_ort.shape[1] == config.output_shape(1, 640, 640)[1]
+    assert rows_1120x640 == config.output_shape(1, 1120, 640)[1]
+    print("exercise 1: correct", rows_640, rows_1120x640)
 
 # %% [markdown]
 # **2.** Letterbox a wide 300×800 (H×W) image into 640×640: what is the scale, and how many grey rows
@@ -275,9 +280,12 @@ print("exercise 1: correct", rows_640, rows_1120x640)
 # %%
 wide = np.zeros((300, 800, 3), np.uint8)
 _, wide_box = letterbox(wide, 640)
+### BEGIN SOLUTION: scale_guess and top_guess (grey rows above the image), by hand
 scale_guess, top_guess = 640 / 800, (640 - 240) // 2
-assert abs(wide_box.scale - scale_guess) < 1e-9 and wide_box.pad == (0, top_guess)
-print("exercise 2: correct", wide_box.scale, wide_box.pad)
+### END SOLUTION
+if answered("exercise 2", scale_guess, top_guess):
+    assert abs(wide_box.scale - scale_guess) < 1e-9 and wide_box.pad == (0, top_guess)
+    print("exercise 2: correct", wide_box.scale, wide_box.pad)
 
 # %% [markdown]
 # ## Self-check
