@@ -16,7 +16,8 @@ The course's master branch applied alpha 0.5 to the inputs of the attention and 
 every BasicTransformerBlock: norm1 -> attn1.to_q/to_k/to_v, norm2 -> attn2.to_q (k and v read the text,
 not norm2), norm3 -> ff.net.0.proj. (Its script passed attn2's to_q again on the feed-forward branch;
 here each LayerNorm smooths the layers it really feeds.) Smooth the torch model, then export and
-quantize as usual: the ONNX graph is unchanged apart from the weights.
+quantize as usual: the ONNX graph is unchanged apart from the weights (:func:`smooth_cnsd` does it to a
+copy of a whole CNSD, each sub-model with statistics from its own recorded inputs).
 
 Chapter 4's fused q/k/v layers stay correct: the fused weight is rebuilt from to_q/to_k/to_v when
 they change in place, which is how the smoothing changes them.
@@ -133,6 +134,23 @@ def smooth_transformer_blocks(model: nn.Module, act_max: Mapping[str, torch.Tens
     return done
 
 
+def smooth_cnsd(cnsd: nn.Module, feeds: Mapping[str, Iterable[Mapping]], alpha: float = 0.5
+                ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
+    """Chapter 5: a SmoothQuant copy of a whole CNSD, ready to export and quantize (``cnsd`` is untouched).
+
+    ``feeds``: ``{sub-model name: its recorded inputs}``, e.g. ``{"unet": calib.reader("unet", runs=[0, 1])}``;
+    each named sub-model's transformer blocks are smoothed (:func:`smooth_transformer_blocks`) with
+    statistics measured on its own feeds. Returns ``(smoothed copy, {name: {layer: scales}})``.
+    """
+    import copy
+
+    smoothed, scales = copy.deepcopy(cnsd), {}
+    for name, model_feeds in feeds.items():
+        net = smoothed.positional(name)                   # shares the copy's modules: smoothing is in place
+        scales[name] = smooth_transformer_blocks(net, activation_channel_max(net, model_feeds), alpha=alpha)
+    return smoothed, scales
+
+
 def outlier_ratio(channel_max: torch.Tensor) -> float:
     """Chapter 5: largest over median per-channel range: how much one INT8 step is stretched by outliers."""
     channel_max = channel_max.float()
@@ -162,5 +180,5 @@ def plot_channel_ranges(before: torch.Tensor, after: torch.Tensor, title: str = 
     return fig
 
 
-__all__ = ["BRANCHES", "activation_channel_max", "outlier_ratio", "plot_channel_ranges", "smooth_layernorm_linears",
-           "smooth_transformer_blocks", "smoothing_scales"]
+__all__ = ["BRANCHES", "activation_channel_max", "outlier_ratio", "plot_channel_ranges", "smooth_cnsd",
+           "smooth_layernorm_linears", "smooth_transformer_blocks", "smoothing_scales"]

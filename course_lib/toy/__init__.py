@@ -9,7 +9,8 @@ follows the hint's edges and the prompt's colours, on a CPU, in seconds::
 
 Modules: data (scenes, prompts, hints), vae_encoder (the half of the VAE the course never needed),
 train (the three stages), make (the ``train-toy`` command), weights (checkpoint layout, loading),
-metrics (edge F1, colour read-back), evaluate (a pipeline over held-out scenes).
+metrics (edge F1, colour read-back), evaluate (a pipeline over held-out scenes), quality (chapters 3 and 5:
+fp32, FP16 and INT8 ONNX pipelines on the same scenes, images against images).
 """
 from course_lib.toy.evaluate import TARGETS, ToyScore, evaluate_pipeline, evaluation_table
 from course_lib.toy.weights import TOY_CARD, TOY_WEIGHTS, load_toy, toy_tokenizer, weights_status

@@ -12,7 +12,8 @@
 # 4. **CUDA graphs and the H100 benchmark**: at 256×384 the pipeline is bound by kernel *launches*, not
 #    by FLOPs — measure per stage before tuning.
 #
-# The CPU part runs everywhere on the `tiny` preset; GPU cells are tagged and run on a GPU machine.
+# The CPU part runs everywhere on the `tiny` preset (and on chapter 1's trained toy, to see what FP16 does
+# to a picture); GPU cells are tagged and run on a GPU machine.
 
 # %% [markdown]
 # ## 1. FP16 in numbers
@@ -142,6 +143,67 @@ fp16_table
 # %%
 worst_rel = max(r.max_rel for r in fp16_table.rows)
 print("every output within 5e-3 of its scale:", worst_rel < 5e-3, "| no NaN/Inf:", not any(r.note for r in fp16_table.rows))
+
+# %% [markdown]
+# ### FP16 on trained weights: what happens to the picture
+#
+# The table above says how far each output moves, on random weights and random inputs. Whether the
+# *image* changes is another question, and random weights draw noise either way. Chapter 1's **toy**
+# (the course's architecture, trained on 64×64 coloured shapes) can answer it: export it as in section
+# 3, convert it with the same `to_fp16_onnx`, and first the same per-model errors:
+
+# %% tags=["nbval-ignore-output"]
+from IPython.display import Markdown, display
+
+from course_lib.toy.quality import compare_toy_pipelines, toy_ort_pipeline
+from course_lib.toy.weights import TOY_WEIGHTS, load_toy, weights_status
+
+print(weights_status())
+toy_fp16 = None
+if TOY_WEIGHTS.is_file():
+    toy = load_toy()
+    toy_fp32 = export_cnsd(toy, out / "toy_fp32", height=64, width=64)
+    toy_fp16 = {name: to_fp16_onnx(result.path, out / "toy_fp16" / f"{name}.onnx") for name, result in toy_fp32.items()}
+    toy_small = contracts(toy.config, batch=1, height=64, width=64)
+    toy_feeds = {name: example_inputs(toy_small[name], seed=2, vocab_size=toy.config.clip.vocab_size) for name in toy_fp32}
+    toy_table = ComparisonTable.combine({name: compare_outputs(run_ort(toy_fp32[name].path, toy_feeds[name]),
+                                                               run_ort(toy_fp16[name].path, toy_feeds[name]),
+                                                               rtol=5e-3, atol=5e-3) for name in toy_fp32},
+                                        title="toy: FP16 vs FP32 ONNX (ONNX Runtime CPU)")
+    display(toy_table)
+
+# %% [markdown]
+# Then the toy's evaluation on both (ONNX Runtime, CPU): 12 held-out scenes, each with the same noise
+# seed for fp32 and FP16, 20 DDIM steps, CFG 9. **Edge F1** and **colour accuracy** say whether the image
+# still follows the hint and the prompt; **PSNR** and the **largest pixel difference** compare each FP16
+# image with its fp32 twin. Below the hints: the fp32 and FP16 images and their difference, 10× brighter.
+
+# %% tags=["nbval-ignore-output"]
+toy_cmp = None
+if toy_fp16 is not None:
+    toy_cmp = compare_toy_pipelines({"fp32": toy_ort_pipeline(toy_fp32), "fp16": toy_ort_pipeline(toy_fp16)},
+                                    n=12, ddim_steps=20)
+    toy_cmp.figure(k=6)
+    plt.show()
+    display(Markdown(toy_cmp.table()))
+    print(", ".join(f"{r.name}: {r.score.n} scenes in {r.score.seconds:.0f} s" for r in toy_cmp.rows))
+else:
+    print(weights_status())
+
+# %%
+if toy_cmp is not None:
+    print("toy, every output finite in FP16 (no NaN/Inf):", not any(r.note for r in toy_table.rows))
+    print("FP16 edge F1 within 0.05 of fp32:", abs(toy_cmp.f1_change("fp16")) <= 0.05,
+          "| colour accuracy within 10 points:", abs(toy_cmp.colour_change("fp16")) <= 0.10)
+    print("FP16 images close to fp32 (PSNR > 30 dB):", toy_cmp.row("fp16").psnr_db > 30)
+else:
+    print(weights_status())
+
+# %% [markdown]
+# The errors of single calls add up over 20 DDIM steps × 2 guidance calls; what counts is whether they
+# stay small enough for the picture to keep its edges and its colours — the lines above say so for this
+# FP16 recipe (Softmax, the norms and the timestep embedding in FP32). ONNX Runtime's CPU provider runs the
+# FP16 graph through casts of its own, so its seconds say nothing about FP16 speed: that is the GPU part.
 
 # %% [markdown]
 # ## 4. Which layer goes bad first?
@@ -430,4 +492,6 @@ assert first is not None and first.model.split()[0] in ("Sin", "Cos")
 assert max_pixel_diff(separate, batched) <= 1 and (reference == batched).all()
 assert max_pixel_diff(reuse["ort"], reuse["torch"]) <= 2
 assert hint_once_error is not None and "only the torch ControlNet" in hint_once_error
+if toy_cmp is not None:                                   # trained toy: FP16 keeps the picture
+    assert abs(toy_cmp.f1_change("fp16")) <= 0.05 and toy_cmp.row("fp16").psnr_db > 30
 print("chapter 3 self-check passed")

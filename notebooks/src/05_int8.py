@@ -12,7 +12,8 @@
 # 4. measure the cost in accuracy (per model, and end to end on the image) and the gain in speed,
 # 5. try SmoothQuant, the trick that tames activation outliers.
 #
-# Everything runs on a CPU with the `tiny` preset at 64×64 and 2 DDIM steps. The TensorRT INT8 vs FP16
+# Everything runs on a CPU with the `tiny` preset at 64×64 and 2 DDIM steps (and, at the end of part 5,
+# on chapter 1's trained toy at 20 steps, to see what INT8 does to a picture). The TensorRT INT8 vs FP16
 # comparison at the end needs a GPU with TensorRT (`%%needs gpu tensorrt`; elsewhere one line says so);
 # building its plans only a builder (`%%needs trt-builder`: TensorRT for RTX builds them on a CPU).
 
@@ -317,7 +318,78 @@ print("outliers at least halved in every smoothed layer:",
 
 # %% [markdown]
 # To use it for INT8: smooth the torch model, export it, calibrate and quantize as in parts 2–3. The
-# ONNX graph is the same; only the weights changed.
+# ONNX graph is the same; only the weights changed. The next section does exactly that, on weights that
+# draw something.
+#
+# ### INT8 on trained weights: what happens to the picture
+#
+# The tiny model's random weights draw noise, so its PSNR above only says how far the image moved.
+# Chapter 1's **toy** (the course's architecture, trained on 64×64 coloured shapes) shows whether an INT8
+# image still *follows the hint and the prompt*. The recipe of parts 2–5, on the toy:
+#
+# * export it in fp32 at 64×64 and record calibration data from its own pipeline (ONNX Runtime, CPU) on
+#   6 toy scenes from the *training* stream at 20 DDIM steps, every 4th step (10 samples per run);
+# * quantize the ControlNet and the UNet with runs 0–4, the time embedding and first/last convs kept
+#   float — and once more after SmoothQuant (α = 0.5, statistics from the same runs);
+# * per-model errors on the held-out run 5 (the worst output of each model), then the toy's evaluation.
+
+# %% tags=["nbval-ignore-output"]
+from course_lib.precision.smoothquant import smooth_cnsd
+from course_lib.toy.quality import compare_toy_pipelines, quantize_controlnet_unet, record_toy_calibration, toy_ort_pipeline
+from course_lib.toy.weights import TOY_WEIGHTS, load_toy, weights_status
+
+print(weights_status())
+toy_int8 = None
+if TOY_WEIGHTS.is_file():
+    toy = load_toy()
+    toy_fp32 = export_cnsd(toy, out / "toy_fp32", height=SIZE, width=SIZE)
+    toy_pipe32 = toy_ort_pipeline(toy_fp32)
+    toy_calib = record_toy_calibration(toy_pipe32, out / "toy_calib", n=6, ddim_steps=20, step_stride=4)
+    calib_runs, held_out = [0, 1, 2, 3, 4], [5]
+    toy_int8 = quantize_controlnet_unet(toy_fp32, toy_calib, out / "toy_int8", runs=calib_runs)
+    toy_smooth, _ = smooth_cnsd(toy, {n: toy_calib.reader(n, runs=calib_runs) for n in toy_int8}, alpha=0.5)
+    toy_sq32 = export_cnsd(toy_smooth, out / "toy_sq_fp32", height=SIZE, width=SIZE, models=list(toy_int8))
+    toy_sq8 = quantize_controlnet_unet(toy_sq32, toy_calib, out / "toy_sq_int8", runs=calib_runs)
+    toy_tables = [int8_accuracy(toy_fp32[n], q[n], toy_calib.reader(n, runs=held_out), name=f"{label} {n}",
+                                progress=False) for label, q in (("int8", toy_int8), ("smoothquant", toy_sq8)) for n in q]
+    print(AccuracyTable([t.worst() for t in toy_tables], "toy: INT8 vs fp32 on the held-out run (worst output per model)"))
+
+# %% [markdown]
+# The evaluation: the same 8 held-out scenes (never calibrated on) and noise seeds through the fp32, the
+# INT8 and the SmoothQuant INT8 pipeline (INT8 ControlNet and UNet; CLIP and the decoder stay fp32).
+# **Edge F1** and **colour accuracy** as in chapter 1, **PSNR** and the **largest pixel difference** of
+# each INT8 image against its fp32 twin. The figure's last rows: the differences, 10× brighter.
+
+# %% tags=["nbval-ignore-output"]
+from IPython.display import Markdown, display
+
+toy_cmp = None
+if toy_int8 is not None:
+    toy_cmp = compare_toy_pipelines({"fp32": toy_pipe32, "int8": toy_ort_pipeline({**toy_fp32, **toy_int8}),
+                                     "smoothquant-int8": toy_ort_pipeline({**toy_fp32, **toy_sq8})}, n=8, ddim_steps=20)
+    toy_cmp.figure(k=6)
+    plt.show()
+    display(Markdown(toy_cmp.table()))
+    print(", ".join(f"{r.name}: {r.score.n} scenes in {r.score.seconds:.0f} s" for r in toy_cmp.rows))
+else:
+    print(weights_status())
+
+# %%
+if toy_cmp is not None:
+    print("toy INT8 models pass TensorRT's Q/DQ rules:", all(q[n].report.passed for q in (toy_int8, toy_sq8) for n in q))
+    print("held-out outputs finite, cosine > 0.9:", all(np.isfinite(t.worst().max_abs) and
+                                                       min(r.cosine for r in t.rows) > 0.9 for t in toy_tables))
+    for name in ("int8", "smoothquant-int8"):
+        print(f"{name}: edge F1 within 0.1 of fp32:", abs(toy_cmp.f1_change(name)) <= 0.1,
+              "| colour accuracy within 15 points:", abs(toy_cmp.colour_change(name)) <= 0.15)
+else:
+    print(weights_status())
+
+# %% [markdown]
+# Read the two tables together, and beside chapter 3's FP16 rows: per-model errors say how far each call
+# moves; over 20 DDIM steps × 2 guidance calls they add up, and the picture-level rows say what that costs
+# someone looking at the image. SmoothQuant helps where activation outliers set the INT8 step; a model
+# without such outliers gains little from it.
 #
 # ## 6. What INT8 buys in speed — a number, not a claim
 #
@@ -479,4 +551,7 @@ assert all(np.isfinite(r.max_abs) and r.cosine > 0.95 for r in rows)
 assert agreement.psnr_db > 20 and agreement.max_pixel_diff > 0
 assert diff < 1e-4 and outlier_ratio(after[layer]) < outlier_ratio(before[layer])
 assert dry_run.passed
+if toy_cmp is not None:                                   # trained toy: INT8 keeps the picture's edges
+    assert all(q[n].report.passed for q in (toy_int8, toy_sq8) for n in q)
+    assert abs(toy_cmp.f1_change("int8")) <= 0.1
 print("chapter 5 self-check passed")
