@@ -132,7 +132,7 @@ def test_fp8_is_refused_without_fp8_tensor_cores(cnsd):
     half = to_half(cnsd)
     with pytest.raises(ValueError, match=r"fp8 needs a CUDA GPU of compute capability >= 8.9 \(Ada, Hopper\)"):
         to_fp8(half)
-    with pytest.raises(ValueError, match="need device cuda"):
+    with pytest.raises(ValueError, match="fp8 needs a CUDA GPU, got device cpu"):
         make_pipeline(half, byte_level_tokenizer(), "fp16-batched-fp8", "cpu")
     with pytest.raises(ValueError, match="fp8 needs dtype='fp16'"):
         model_for("fp32-batched-fp8", {"fp32": cnsd})

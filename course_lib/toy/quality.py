@@ -36,6 +36,7 @@ def toy_ort_pipeline(files: Mapping[str, str | os.PathLike], providers: Sequence
             ``to_fp16_onnx``'s or ``quantize_int8``'s results, or plain paths).
         providers: ONNX Runtime providers; default CPU only, so that fp32, FP16 and INT8 rows of one
             table are computed by the same kernels on every machine.
+        progress: the pipeline's own bar per image (off: the evaluation and the calibration show theirs).
     Returns a ``Canny2Image`` with the toy's tokenizer and config (64x64 images).
     """
     from course_lib.backends import OrtBackend
@@ -54,12 +55,13 @@ def toy_ort_pipeline(files: Mapping[str, str | os.PathLike], providers: Sequence
 
 def record_toy_calibration(pipe, out_dir: str | os.PathLike, n: int = 8, seed: int = TRAIN_SEED,
                            ddim_steps: int = 20, step_stride: int = 2, models: Sequence[str] = ("controlnet", "unet"),
-                           progress: bool = False):
+                           progress: bool = True):
     """Chapter 5: record the inputs of ``models`` while ``pipe`` draws ``n`` toy scenes (one run each).
 
     The scenes come from ``seed``'s stream (default: the training stream; the evaluation draws from
     ``EVAL_SEED``), their prompts name them, run i starts from noise seed ``1 + i``. With 20 steps and
     ``step_stride`` 2 each run gives 20 ControlNet and 20 UNet samples. ``out_dir`` is replaced.
+    ``progress``: a bar over the runs.
     Returns the :class:`~course_lib.precision.calibration.CalibrationSet`.
     """
     from course_lib.precision.calibration import capture_calibration
@@ -74,7 +76,8 @@ def record_toy_calibration(pipe, out_dir: str | os.PathLike, n: int = 8, seed: i
 
 def quantize_controlnet_unet(fp32_files: Mapping[str, str | os.PathLike], calib, out_dir: str | os.PathLike,
                              runs: Sequence[int] | None = None, keep_float: Sequence[str] = ("time_embed", "first_last_conv"),
-                             method: str = "ort", models: Sequence[str] = ("controlnet", "unet")) -> dict:
+                             method: str = "ort", models: Sequence[str] = ("controlnet", "unet"),
+                             progress: bool = True) -> dict:
     """Chapter 5: chapter 5's recipe on each of ``models``: ``quantize_int8`` calibrated on ``calib``'s
     ``runs`` (default all), the ``keep_float`` groups of ``sensitive_nodes`` left float.
 
@@ -86,7 +89,7 @@ def quantize_controlnet_unet(fp32_files: Mapping[str, str | os.PathLike], calib,
     for name in models:
         groups = sensitive_nodes(fp32_files[name])
         results[name] = quantize_int8(fp32_files[name], os.path.join(out_dir, f"{name}.int8.onnx"),
-                                      calib.reader(name, runs=runs), method=method, progress=False,
+                                      calib.reader(name, runs=runs), method=method, progress=progress,
                                       exclude_nodes={g: groups[g] for g in keep_float})
     return results
 
@@ -178,7 +181,8 @@ def compare_toy_pipelines(pipes: Mapping[str, object], n: int = 12, ddim_steps: 
         pipes: ``{row name: Canny2Image}``, e.g. ``{"fp32": ..., "fp16": ...}``; the first is the reference
             unless ``reference`` names another.
         n, ddim_steps: held-out scenes and DDIM steps (``evaluate_pipeline``'s; CFG 9).
-        evaluate_kwargs: passed to :func:`~course_lib.toy.evaluate.evaluate_pipeline` (seed, scale, ...).
+        evaluate_kwargs: passed to :func:`~course_lib.toy.evaluate.evaluate_pipeline` (seed, scale, ...;
+            ``progress`` defaults to True here: a bar over each pipeline's scenes).
     Returns a :class:`PrecisionComparison` (its rows in the order of ``pipes``).
     """
     from course_lib.score import max_pixel_diff, psnr
@@ -190,6 +194,7 @@ def compare_toy_pipelines(pipes: Mapping[str, object], n: int = 12, ddim_steps: 
         raise ValueError(f"reference {reference!r}: expected one of {list(pipes)}")
     if "deadline" in evaluate_kwargs:
         raise ValueError("deadline: every pipeline must see the same scenes; pass a smaller n instead")
+    evaluate_kwargs.setdefault("progress", True)
     scores, images = {}, {}
     for name, pipe in pipes.items():
         images[name] = []

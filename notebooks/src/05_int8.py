@@ -350,8 +350,8 @@ if TOY_WEIGHTS.is_file():
     toy_smooth, _ = smooth_cnsd(toy, {n: toy_calib.reader(n, runs=calib_runs) for n in toy_int8}, alpha=0.5)
     toy_sq32 = export_cnsd(toy_smooth, out / "toy_sq_fp32", height=SIZE, width=SIZE, models=list(toy_int8))
     toy_sq8 = quantize_controlnet_unet(toy_sq32, toy_calib, out / "toy_sq_int8", runs=calib_runs)
-    toy_tables = [int8_accuracy(toy_fp32[n], q[n], toy_calib.reader(n, runs=held_out), name=f"{label} {n}",
-                                progress=False) for label, q in (("int8", toy_int8), ("smoothquant", toy_sq8)) for n in q]
+    toy_tables = [int8_accuracy(toy_fp32[n], q[n], toy_calib.reader(n, runs=held_out), name=f"{label} {n}")
+                  for label, q in (("int8", toy_int8), ("smoothquant", toy_sq8)) for n in q]
     print(AccuracyTable([t.worst() for t in toy_tables], "toy: INT8 vs fp32 on the held-out run (worst output per model)"))
 
 # %% [markdown]
