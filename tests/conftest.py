@@ -58,3 +58,23 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("-", "TensorRT builds")
     terminalreporter.write_line(f"TensorRT plans built by this test session: {len(plans)} ({flavours}; "
                                 f"{seconds:.0f} s in build_serialized_network)")
+
+
+# the tiny CNSD (seeded, non-zero) and a 64x64 photo with one round shape: shared by the pipeline-strategy
+# tests (test_eps, test_speedups, test_hopper, test_loopgraph); module scope, so a test module that changes
+# its model (attention backend, fp16 copies) does not reach another module
+@pytest.fixture(scope="module")
+def cnsd():
+    from course_lib.cnsd import build_cnsd, get_config
+
+    return build_cnsd(get_config("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    import numpy as np
+
+    yy, xx = np.mgrid[:64, :64]
+    img = np.stack([xx * 3, yy * 3, np.full_like(xx, 60)], axis=-1).astype(np.uint8)
+    img[(yy - 28) ** 2 + (xx - 30) ** 2 < 15 ** 2] = (240, 200, 40)
+    return img

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from course_lib.backends import make_backends
-from course_lib.cnsd import build_cnsd, get_config
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.pipeline import eps as eps_module
 from course_lib.pipeline.canny2image import Canny2Image
@@ -21,19 +20,6 @@ from course_lib.score import max_pixel_diff, psnr
 from test_cudagraph import Recorded
 from test_pipeline import Counted
 
-
-
-@pytest.fixture(scope="module")
-def cnsd():
-    return build_cnsd(get_config("tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def photo():
-    yy, xx = np.mgrid[:64, :64]
-    img = np.stack([xx * 3, yy * 3, np.full_like(xx, 60)], axis=-1).astype(np.uint8)
-    img[(yy - 28) ** 2 + (xx - 30) ** 2 < 15 ** 2] = (240, 200, 40)
-    return img
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ On the CPU: channels-last gives the contiguous model's outputs; FP8Linear's arit
 CPU kernel); the refusal of fp8 where no FP8 tensor cores exist. The sd15 FP8 layers are run on the meta device,
 whose torch._scaled_mm checks are CUDA's (row-major x, column-major weight, sizes multiples of 16).
 """
-import numpy as np
 import pytest
 import torch
 
 from course_lib.backends import TorchBackend, stores_channels_last
-from course_lib.cnsd import build_cnsd, contracts, example_inputs, get_config
+from course_lib.cnsd import contracts, example_inputs, get_config
 from course_lib.cnsd.attention import set_attention_backend
 from course_lib.cnsd.model import CNSD
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
@@ -20,19 +19,6 @@ from course_lib.pipeline.speedups import make_pipeline, model_for, to_half
 from course_lib.score import max_pixel_diff
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def cnsd():
-    return build_cnsd(get_config("tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def photo():
-    yy, xx = np.mgrid[:64, :64]
-    img = np.stack([xx * 3, yy * 3, np.full_like(xx, 60)], axis=-1).astype(np.uint8)
-    img[(yy - 28) ** 2 + (xx - 30) ** 2 < 15 ** 2] = (240, 200, 40)
-    return img
 
 
 def test_channels_last_form_keeps_the_original_and_every_output(cnsd):

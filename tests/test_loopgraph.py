@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.cnsd import build_cnsd, get_config
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.pipeline.canny2image import Canny2Image
 from course_lib.pipeline.eps import GraphedEps, GuidedEps, HintOnce, ReuseEps, eps_reuse_steps
@@ -20,19 +19,6 @@ from course_lib.pipeline.sampler import ddim_sample, make_ddim_schedule
 from course_lib.pipeline.speedups import eps_strategy, with_reuse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def cnsd():
-    return build_cnsd(get_config("tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def photo():
-    yy, xx = np.mgrid[:64, :64]
-    img = np.stack([xx * 3, yy * 3, np.full_like(xx, 60)], axis=-1).astype(np.uint8)
-    img[(yy - 28) ** 2 + (xx - 30) ** 2 < 15 ** 2] = (240, 200, 40)
-    return img
 
 
 def toy_eps(x, timestep):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from course_lib.backends import GraphedBackend, TorchBackend
-from course_lib.cnsd import build_cnsd, get_config
 from course_lib.cnsd.tokenizer import byte_level_tokenizer
 from course_lib.cnsd.unet import GroupNorm32
 from course_lib.pipeline.canny2image import Canny2Image
@@ -26,21 +25,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 @pytest.fixture(scope="module")
-def cnsd():
-    return build_cnsd(get_config("tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     return byte_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def photo():
-    yy, xx = np.mgrid[:64, :64]
-    img = np.stack([xx * 3, yy * 3, np.full_like(xx, 60)], axis=-1).astype(np.uint8)
-    img[(yy - 28) ** 2 + (xx - 30) ** 2 < 15 ** 2] = (240, 200, 40)
-    return img
 
 
 @pytest.fixture(scope="module")
